@@ -1,0 +1,11 @@
+"""vdisk block driver: qcow2 chains read and written in pure Python.
+
+Used by the nbdkit entry script (plugin/vdisk_nbdkit.py); importable without
+nbdkit so that tests drive it directly.
+"""
+
+from .chain import open_chain, open_disk
+from .disk import Disk
+from .errors import ImageError
+
+__all__ = ["Disk", "ImageError", "open_chain", "open_disk"]

@@ -1,0 +1,68 @@
+"""Resolve a backing chain: top -> backing -> ... -> base.
+
+Relative backing names are resolved against the directory of the image that
+names them, as QEMU does. The backing format comes from the header extension
+or, when absent, from the file's magic. A loop, a missing file or a name that
+is not a plain file path is refused with a message naming the image.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .disk import Disk
+from .errors import ChainError, UnsupportedImage
+from .image import Qcow2File, RawFile, open_image
+
+MAX_DEPTH = 512
+
+
+def resolve_backing(image_path: str, name: str) -> str:
+    if name.startswith("json:") or (":" in name.split("/")[0] and not os.path.exists(name)):
+        raise UnsupportedImage(image_path, f"backing file {name!r} is not a plain file path")
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(image_path), name)
+
+
+def open_chain(path: str, readonly: bool) -> list[Qcow2File | RawFile]:
+    """Open every image of the chain (top writable unless readonly), locked as QEMU does."""
+    layers: list[Qcow2File | RawFile] = []
+    seen: set[tuple[int, int]] = set()
+    current, fmt = os.path.abspath(path), None
+    try:
+        while True:
+            try:
+                st = os.stat(current)
+            except FileNotFoundError:
+                if not layers:
+                    raise ChainError(current, "image not found") from None
+                raise ChainError(layers[-1].path, f"backing file {layers[-1].backing_file!r} "
+                                 f"({current}) not found") from None
+            if (st.st_dev, st.st_ino) in seen:
+                raise ChainError(layers[-1].path, f"backing loop: {current} is already "
+                                 "in the chain", errno=40)   # ELOOP
+            if len(layers) >= MAX_DEPTH:
+                raise ChainError(path, f"chain deeper than {MAX_DEPTH} images")
+            seen.add((st.st_dev, st.st_ino))
+            if fmt not in (None, "qcow2", "raw"):
+                raise UnsupportedImage(layers[-1].path, f"backing format {fmt!r}")
+            f = open_image(current, fmt, writable=not readonly and not layers)
+            layers.append(f)
+            if not f.backing_file:
+                return layers
+            current, fmt = resolve_backing(current, f.backing_file), f.backing_format
+    except BaseException:
+        for f in layers:
+            f.close()
+        raise
+
+
+def open_disk(path: str, readonly: bool = False) -> Disk:
+    layers = open_chain(path, readonly)
+    try:
+        return Disk(layers, readonly)
+    except BaseException:
+        for f in layers:
+            f.close()
+        raise

@@ -1,0 +1,334 @@
+"""A disk: a chain of images served as one block device.
+
+Reads go through the cluster map to whichever layer holds each slot. Writes
+go to the top image: in place where the top owns the cluster, otherwise into
+freshly allocated clusters filled with the current guest view around the
+written bytes (copy-on-write):
+
+    guest cluster   |<------------- cluster ------------->|
+    request                 |=========== data ===========|
+    new cluster     [ COW: current view ][   data    ][COW]
+
+Zero and trim work on whole clusters through L2 entries and fall back to
+writing zeros for partial clusters.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+from .clustermap import KIND_COMPRESSED, LAYER_SHIFT, PAYLOAD_MASK, SLOT_BITS, SLOT_MASK, \
+    ClusterMap
+from .errors import NotFast, RequestError
+from .image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
+from .top import TopImage
+
+TOP_TAG = 1 << LAYER_SHIFT
+EXTENT_DATA = 0
+EXTENT_HOLE_ZERO = 3      # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+
+
+def _in_place(e: int) -> bool:
+    """A top cluster that can be overwritten where it is."""
+    return bool(e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED | ZERO_FLAG))
+
+
+class Disk:
+    def __init__(self, layers: list[Qcow2File | RawFile], readonly: bool) -> None:
+        self.layers = layers
+        self.path = layers[0].path
+        self.readonly = readonly
+        self.size = layers[0].size
+        sizes = [f.cluster_size for f in layers if f.cluster_size]
+        self.map = ClusterMap(self.size, min(sizes) if sizes else 65536)
+        self.limits = []
+        limit = self.size
+        for f in layers:
+            limit = min(limit, f.size)
+            self.limits.append(limit)
+        self._fds = [f.fd for f in layers]
+        for j in range(len(layers) - 1, 0, -1):
+            self.map.apply_layer(j, layers[j])
+        self.map.freeze_backing()
+        self.top: TopImage | None = None
+        if not readonly:
+            assert isinstance(layers[0], Qcow2File)
+            self.top = TopImage(layers[0])
+        tables = None if self.top is None else \
+            [(i, 0, l2) for i, l2 in self.top.l2.items()]
+        self.map.apply_layer(0, layers[0], tables)
+        self.cluster_size = layers[0].cluster_size or self.map.g
+        self.lock = threading.RLock()
+        self._zcache: tuple[int, bytes] | None = None
+
+    # -- helpers ------------------------------------------------------------
+
+    def _check(self, length: int, offset: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RequestError(self.path, f"request [{offset}, {offset + length}) is outside "
+                               f"the disk (size {self.size})", errno=errno.EINVAL)
+
+    def _writable(self) -> TopImage:
+        if self.top is None:
+            raise RequestError(self.path, "the disk is read-only", errno=errno.EROFS)
+        return self.top
+
+    def _decompressed(self, e: int) -> bytes:
+        index = (e & PAYLOAD_MASK) >> SLOT_BITS
+        key = (e >> LAYER_SHIFT) << 48 | index
+        if self._zcache and self._zcache[0] == key:
+            return self._zcache[1]
+        f = self.layers[(e >> LAYER_SHIFT) - 1]
+        assert isinstance(f, Qcow2File)
+        data = f.read_compressed(self.map.compressed[index])
+        self._zcache = (key, data)
+        return data
+
+    def _read(self, mv: memoryview, offset: int) -> None:
+        """Fill mv with the guest view at offset (caller holds the lock)."""
+        n = len(mv)
+        g = self.map.g
+        entries = self.map.entries
+        pos = 0
+        while pos < n:
+            slot, within = divmod(offset + pos, g)
+            e = entries[slot]
+            length = min(g - within, n - pos)
+            if not e:
+                s = slot + 1
+                while pos + length < n and not entries[s]:
+                    length = min(length + g, n - pos)
+                    s += 1
+                mv[pos:pos + length] = bytes(length)
+                pos += length
+                continue
+            layer = (e >> LAYER_SHIFT) - 1
+            if e & KIND_COMPRESSED:
+                start = (e & SLOT_MASK) * g + within
+                mv[pos:pos + length] = self._decompressed(e)[start:start + length]
+            else:
+                s = slot + 1
+                expect = e + g
+                while pos + length < n and entries[s] == expect:
+                    length = min(length + g, n - pos)
+                    s += 1
+                    expect += g
+                got = os.preadv(self._fds[layer], [mv[pos:pos + length]],
+                                (e & PAYLOAD_MASK) + within)
+                if got < length:          # data cluster cut short by the end of the file
+                    mv[pos + got:pos + length] = bytes(length - got)
+            limit = self.limits[layer] - offset
+            if pos + length > limit:      # beyond the virtual size of a backing layer
+                cut = max(pos, limit)
+                mv[cut:pos + length] = bytes(pos + length - cut)
+            pos += length
+
+    # -- reads --------------------------------------------------------------
+
+    def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        mv = memoryview(buf).cast("B")
+        self._check(len(mv), offset)
+        with self.lock:
+            self._read(mv, offset)
+
+    def read(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.pread_into(buf, offset)
+        return bytes(buf)
+
+    def extents(self, length: int, offset: int) -> list[tuple[int, int, int]]:
+        """base:allocation extents covering [offset, offset + length)."""
+        self._check(length, offset)
+        g = self.map.g
+        entries = self.map.entries
+        out: list[tuple[int, int, int]] = []
+        end = offset + length
+        with self.lock:
+            pos = offset
+            while pos < end:
+                slot = pos // g
+                zero = not entries[slot]
+                s = slot + 1
+                while s * g < end and (not entries[s]) == zero:
+                    s += 1
+                stop = min(s * g, end)
+                out.append((pos, stop - pos, EXTENT_HOLE_ZERO if zero else EXTENT_DATA))
+                pos = stop
+        return out
+
+    # -- writes -------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        mv = memoryview(data).cast("B")
+        self._check(len(mv), offset)
+        if not mv:
+            return
+        top = self._writable()
+        with self.lock:
+            top.begin_write()
+            cs = top.cs
+            end = offset + len(mv)
+            c = offset // cs
+            last = (end - 1) // cs
+            while c <= last:
+                if _in_place(top.entry(c)):
+                    c = self._write_in_place(top, c, last, mv, offset)
+                else:
+                    c = self._write_allocating(top, c, last, mv, offset)
+
+    def _write_in_place(self, top: TopImage, c: int, last: int, mv: memoryview,
+                        offset: int) -> int:
+        """Overwrite a run of top clusters that are contiguous on the host."""
+        cs = top.cs
+        host = top.entry(c) & OFFSET_MASK
+        run = c + 1
+        while run <= last and top.entry(run) == (host + (run - c) * cs) | COPIED:
+            run += 1
+        lo = max(offset, c * cs)
+        hi = min(offset + len(mv), run * cs)
+        self._pwrite(top, mv[lo - offset:hi - offset], host + lo - c * cs)
+        return run
+
+    def _write_allocating(self, top: TopImage, c: int, last: int, mv: memoryview,
+                          offset: int) -> int:
+        """Write a run of clusters the top does not own into new clusters."""
+        cs = top.cs
+        run = c + 1
+        while run <= last and not _in_place(top.entry(run)):
+            run += 1
+        count = run - c
+        gstart, gend = c * cs, min(run * cs, self.size)
+        buf = bytearray(count * cs)
+        bv = memoryview(buf)
+        lo, hi = max(offset, gstart), min(offset + len(mv), gend)
+        if lo > gstart:
+            self._read(bv[:lo - gstart], gstart)
+        if hi < gend:
+            self._read(bv[hi - gstart:gend - gstart], hi)
+        bv[lo - gstart:hi - gstart] = mv[lo - offset:hi - offset]
+        host = top.refcounts.allocate(count)
+        try:
+            self._pwrite(top, bv, host)
+        except BaseException:
+            top.refcounts.undo_allocate(host, count)
+            raise
+        for i in range(count):
+            self._set_top(top, c + i, (host + i * cs) | COPIED)
+        return run
+
+    def _pwrite(self, top: TopImage, data: memoryview, host: int) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(top.fd, data[done:], host + done)
+        top.data_dirty = True
+
+    def _set_top(self, top: TopImage, c: int, new: int) -> None:
+        """Replace the top's entry for cluster c and keep the map in step."""
+        old = top.entry(c)
+        if old == new:
+            return
+        top.set_entry(c, new)
+        if old & COMPRESSED or (old & OFFSET_MASK and old & OFFSET_MASK != new & OFFSET_MASK):
+            top.release(old)
+        # new == 0 is only set where the backing holds no data: the slots read zeros
+        per = top.cs // self.map.g
+        first = c * per
+        end = min(first + per, self.map.nslots)
+        self.map.set_cluster(first, per, TOP_TAG, new if new & ~COPIED else ZERO_FLAG, end)
+
+    def _full_clusters(self, top: TopImage, length: int, offset: int) -> tuple[int, int]:
+        """[first, end) of the clusters that [offset, offset + length) covers whole.
+
+        A last cluster cut short by the virtual size counts as whole when the
+        request reaches the end of the disk.
+        """
+        cs = top.cs
+        first = -(-offset // cs)
+        stop = offset + length
+        end = -(-self.size // cs) if stop >= self.size else stop // cs
+        return first, max(first, end)
+
+    def zero(self, length: int, offset: int, may_trim: bool = False, fast: bool = False) -> None:
+        self._check(length, offset)
+        top = self._writable()
+        with self.lock:
+            cs = top.cs
+            first, end = self._full_clusters(top, length, offset)
+            partial = []
+            if first >= end:
+                partial.append((offset, length))
+            else:
+                if offset < first * cs:
+                    partial.append((offset, first * cs - offset))
+                if offset + length > end * cs:
+                    partial.append((end * cs, offset + length - end * cs))
+            partial = [p for p in partial if not self._reads_zero(*p)]
+            slow = {c for c in range(first, end) if self._zero_needs_write(top, c, may_trim)}
+            if fast and (partial or slow):
+                raise NotFast(self.path, "zeroing this range needs writing zeros")
+            top.begin_write()
+            for c in range(first, end):
+                if c not in slow:
+                    self._zero_cluster(top, c, may_trim)
+            for c in sorted(slow):
+                self.write(bytes(min(cs, self.size - c * cs)), c * cs)
+            for off, n in partial:
+                self.write(bytes(n), off)
+
+    def _reads_zero(self, offset: int, length: int) -> bool:
+        g = self.map.g
+        return self.map.is_zero(offset // g, (offset + length - 1) // g - offset // g + 1)
+
+    def _zero_needs_write(self, top: TopImage, c: int, may_trim: bool) -> bool:
+        """v2 images have no zero flag: zeros must be written over backing data."""
+        if top.v3:
+            return False
+        per = top.cs // self.map.g
+        e = top.entry(c)
+        if self.map.backing_has_data(c * per, per):
+            return True
+        return bool(e & OFFSET_MASK and not may_trim and
+                    not self._reads_zero(c * top.cs, min(top.cs, self.size - c * top.cs)))
+
+    def _zero_cluster(self, top: TopImage, c: int, may_trim: bool) -> None:
+        per = top.cs // self.map.g
+        e = top.entry(c)
+        below = self.map.backing_has_data(c * per, per)
+        if top.v3 and _in_place(e) and not may_trim:
+            new = (e & OFFSET_MASK) | ZERO_FLAG | COPIED       # keep the allocation
+        elif top.v3 and (e & ZERO_FLAG and e & OFFSET_MASK) and not may_trim:
+            new = e
+        elif below:
+            new = ZERO_FLAG
+        else:
+            new = 0
+        self._set_top(top, c, new)
+
+    def trim(self, length: int, offset: int) -> None:
+        """Deallocate whole clusters; they read as zeros afterwards (see docs)."""
+        self._check(length, offset)
+        top = self._writable()
+        with self.lock:
+            per = top.cs // self.map.g
+            first, end = self._full_clusters(top, length, offset)
+            for c in range(first, end):
+                below = self.map.backing_has_data(c * per, per)
+                if below and not top.v3:
+                    continue
+                top.begin_write()
+                self._set_top(top, c, ZERO_FLAG if below else 0)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.top is not None:
+                self.top.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            try:
+                self.flush()
+            finally:
+                for f in self.layers:
+                    f.close()

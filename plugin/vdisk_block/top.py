@@ -1,0 +1,147 @@
+"""Metadata of the writable top image: L1/L2 in memory, written back at flush.
+
+L2 tables of the top are all kept in memory (they were read to build the
+cluster map anyway); changed tables and L1 entries are written at flush, after
+the refcounts that make them valid (see refcounts.py for the full ordering).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+
+from . import header as hdr
+from .errors import MalformedImage, UnsupportedImage
+from .image import COMPRESSED, COPIED, OFFSET_MASK, Qcow2File
+from .refcounts import Refcounts
+
+AUTOCLEAR_BITMAPS = 1 << 0
+
+
+class TopImage:
+    """Writable view of a qcow2 file: entry lookup, update, allocation, flush."""
+
+    def __init__(self, f: Qcow2File) -> None:
+        h = f.header
+        if h.nb_snapshots:
+            raise UnsupportedImage(f.path, "internal snapshots (writing is not supported)")
+        if h.incompatible & hdr.INCOMPAT_DIRTY:
+            raise UnsupportedImage(f.path, "the dirty bit is set (lazy refcounts); "
+                                   "repair with 'qemu-img check -r all'")
+        self.f = f
+        self.fd = f.fd
+        self.path = f.path
+        self.cs = f.cluster_size
+        self.span = h.l2_entries
+        self.v3 = h.version >= 3
+        self.l1 = f.l1
+        self.l2: dict[int, array] = {}
+        self.dirty_l2: set[int] = set()
+        self.dirty_l1: set[int] = set()
+        self.data_dirty = False
+        self.refcounts = Refcounts(f.fd, f.path, h, f.file_size)
+        self._autoclear_pending = h.version >= 3 and bool(h.autoclear)
+        for l1_index, _off, l2 in f.l2_tables():
+            self.l2[l1_index] = l2
+        self._check_references()
+
+    # -- validation -------------------------------------------------------
+
+    def _check_references(self) -> None:
+        """Every cluster must have a refcount at least its number of references.
+
+        A lower refcount (or two L2 entries sharing a cluster with refcount 1)
+        would let an allocation overwrite live data, so such an image is refused.
+        """
+        cs, h, rc = self.cs, self.f.header, self.refcounts
+        refs: dict[int, int] = {}
+
+        def ref(offset: int, length: int, what: str) -> None:
+            for c in range(offset // cs, (offset + length - 1) // cs + 1):
+                refs[c] = refs.get(c, 0) + 1
+                if refs[c] > rc.get(c):
+                    raise MalformedImage(self.path, f"cluster {c} ({what}) has refcount "
+                                         f"{rc.get(c)} but {refs[c]} references; repair "
+                                         "with 'qemu-img check -r all'")
+
+        ref(0, cs, "header")
+        ref(h.l1_table_offset, h.l1_size * 8, "L1 table")
+        ref(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+        for off in rc.table:
+            if off:
+                ref(off, cs, "refcount block")
+        for l1_index, l2 in self.l2.items():
+            ref(self.l1[l1_index] & OFFSET_MASK, cs, "L2 table")
+            for k, e in enumerate(l2):
+                if e & COMPRESSED:
+                    off, size = self.f.compressed_extent(e)
+                    ref(off, size, "compressed data")
+                elif e & OFFSET_MASK:
+                    guest = (l1_index * self.span + k) * cs
+                    self.f.check_l2_entry(e, guest)
+                    ref(e & OFFSET_MASK, cs, f"data of guest offset {guest}")
+
+    # -- entries ------------------------------------------------------------
+
+    def entry(self, cluster: int) -> int:
+        l2 = self.l2.get(cluster // self.span)
+        return l2[cluster % self.span] if l2 is not None else 0
+
+    def set_entry(self, cluster: int, value: int) -> None:
+        i, k = divmod(cluster, self.span)
+        l2 = self.l2.get(i)
+        if l2 is None:
+            if not value:
+                return
+            off = self.refcounts.allocate(1)
+            l2 = self.l2[i] = array("Q", bytes(self.cs))
+            self.l1[i] = off | COPIED
+            self.dirty_l1.add(i)
+        l2[k] = value
+        self.dirty_l2.add(i)
+
+    def release(self, entry: int) -> None:
+        """Drop the clusters an entry being replaced referred to (after flush)."""
+        rc = self.refcounts
+        if entry & COMPRESSED:
+            off, size = self.f.compressed_extent(entry)
+            for c in range(off // self.cs, (off + size - 1) // self.cs + 1):
+                rc.free_later(c)
+        elif entry & OFFSET_MASK:
+            rc.free_later((entry & OFFSET_MASK) // self.cs)
+
+    def begin_write(self) -> None:
+        """Before the first change: like QEMU, a writer that does not maintain an
+        autoclear feature (dirty bitmaps, ...) clears its bit."""
+        if self._autoclear_pending:
+            hdr.write_u64(self.fd, hdr.OFF_AUTOCLEAR, 0)
+            os.fdatasync(self.fd)
+            self._autoclear_pending = False
+
+    # -- flush ----------------------------------------------------------------
+
+    def flush(self) -> None:
+        rc = self.refcounts
+        rc.write_increments(self.data_dirty)
+        self.data_dirty = False
+        if self.dirty_l2:
+            for i in sorted(self.dirty_l2):
+                l2 = array("Q", self.l2[i])
+                l2.byteswap()
+                os.pwrite(self.fd, l2.tobytes(), self.l1[i] & OFFSET_MASK)
+            self.dirty_l2.clear()
+            os.fdatasync(self.fd)
+        if self.dirty_l1:
+            base = self.f.header.l1_table_offset
+            for i in sorted(self.dirty_l1):
+                os.pwrite(self.fd, struct.pack(">Q", self.l1[i]), base + 8 * i)
+            self.dirty_l1.clear()
+            os.fdatasync(self.fd)
+        rc.release_pending()
+
+    @property
+    def dirty(self) -> bool:
+        rc = self.refcounts
+        return bool(self.data_dirty or self.dirty_l2 or self.dirty_l1 or rc.dirty_blocks
+                    or rc.table_dirty or rc.pending_free)
