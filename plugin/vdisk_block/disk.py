@@ -19,8 +19,7 @@ import errno
 import os
 import threading
 
-from .clustermap import KIND_COMPRESSED, LAYER_SHIFT, PAYLOAD_MASK, SLOT_BITS, SLOT_MASK, \
-    ClusterMap
+from .clustermap import KIND_COMPRESSED, LAYER_SHIFT, PAYLOAD_MASK, SLOT_BITS, SLOT_MASK, ClusterMap
 from .errors import NotFast, RequestError
 from .image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
 from .top import TopImage
