@@ -127,6 +127,17 @@ class Disk:
     # -- reads --------------------------------------------------------------
 
     def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        n = len(buf)
+        slot, within = divmod(offset, self.map.g)
+        if 0 <= offset and within + n <= self.map.g and offset + n <= self.size:
+            # fast path: one slot of plain data, the common small random read
+            with self.lock:
+                e = self.map.entries[slot]
+                if e and not e & KIND_COMPRESSED and \
+                        offset + n <= self.limits[(e >> LAYER_SHIFT) - 1]:
+                    if os.preadv(self._fds[(e >> LAYER_SHIFT) - 1], [buf],
+                                 (e & PAYLOAD_MASK) + within) == n:
+                        return
         mv = memoryview(buf).cast("B")
         self._check(len(mv), offset)
         with self.lock:
