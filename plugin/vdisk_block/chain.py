@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import os
 
+from .clustermap import MAX_LAYERS as MAX_DEPTH
 from .disk import Disk
 from .errors import ChainError, UnsupportedImage
 from .image import Qcow2File, RawFile, open_image
-
-MAX_DEPTH = 512
 
 
 def resolve_backing(image_path: str, name: str) -> str:

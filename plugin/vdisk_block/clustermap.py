@@ -14,7 +14,8 @@ cluster size in the chain, so every cluster covers whole slots):
     +----------+--+--------------------------------------+
 
 layer+1 == 0 means the slot reads as zeros (zero cluster, unallocated in
-every layer, or beyond a layer's virtual size). Layer 0 is the top.
+every layer, or beyond a layer's virtual size). Layers are numbered from the
+base (0) up, so putting a new top on the chain leaves every entry valid.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SLOT_BITS = 12
 SLOT_MASK = (1 << SLOT_BITS) - 1
 ZERO = 0
 MAX_SLOTS = 1 << 28
+MAX_LAYERS = 250                 # layer + 1 must fit the 8-bit field
 
 
 class ClusterMap:

@@ -19,12 +19,21 @@ import errno
 import os
 import threading
 
-from .clustermap import KIND_COMPRESSED, LAYER_SHIFT, PAYLOAD_MASK, SLOT_BITS, SLOT_MASK, ClusterMap
+from . import locking
+from .clustermap import (
+    KIND_COMPRESSED,
+    LAYER_SHIFT,
+    MAX_LAYERS,
+    PAYLOAD_MASK,
+    SLOT_BITS,
+    SLOT_MASK,
+    ClusterMap,
+)
+from .create import create_qcow2
 from .errors import NotFast, RequestError
 from .image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
 from .top import TopImage
 
-TOP_TAG = 1 << LAYER_SHIFT
 EXTENT_DATA = 0
 EXTENT_HOLE_ZERO = 3      # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 
@@ -36,31 +45,38 @@ def _in_place(e: int) -> bool:
 
 class Disk:
     def __init__(self, layers: list[Qcow2File | RawFile], readonly: bool) -> None:
-        self.layers = layers
+        self.layers = layers                  # top first
         self.path = layers[0].path
         self.readonly = readonly
         self.size = layers[0].size
         sizes = [f.cluster_size for f in layers if f.cluster_size]
         self.map = ClusterMap(self.size, min(sizes) if sizes else 65536)
-        self.limits = []
+        # per layer id (0 = base): descriptor and the end of its visible data
+        self._fds: list[int] = []
+        self.limits: list[int] = []
         limit = self.size
         for f in layers:
             limit = min(limit, f.size)
-            self.limits.append(limit)
-        self._fds = [f.fd for f in layers]
-        for j in range(len(layers) - 1, 0, -1):
-            self.map.apply_layer(j, layers[j])
+            self.limits.insert(0, limit)
+            self._fds.insert(0, f.fd)
+        for j in range(len(layers) - 1):
+            self.map.apply_layer(j, layers[-1 - j])
         self.map.freeze_backing()
         self.top: TopImage | None = None
         if not readonly:
             assert isinstance(layers[0], Qcow2File)
             self.top = TopImage(layers[0])
+        self.top_tag = len(layers) << LAYER_SHIFT
         tables = None if self.top is None else \
             [(i, 0, l2) for i, l2 in self.top.l2.items()]
-        self.map.apply_layer(0, layers[0], tables)
+        self.map.apply_layer(len(layers) - 1, layers[0], tables)
         self.cluster_size = layers[0].cluster_size or self.map.g
         self.lock = threading.RLock()
         self._zcache: tuple[int, bytes] | None = None
+
+    def layer(self, e: int) -> Qcow2File | RawFile:
+        """The file a map entry points into."""
+        return self.layers[len(self.layers) - (e >> LAYER_SHIFT)]
 
     # -- helpers ------------------------------------------------------------
 
@@ -79,7 +95,7 @@ class Disk:
         key = (e >> LAYER_SHIFT) << 48 | index
         if self._zcache and self._zcache[0] == key:
             return self._zcache[1]
-        f = self.layers[(e >> LAYER_SHIFT) - 1]
+        f = self.layer(e)
         assert isinstance(f, Qcow2File)
         data = f.read_compressed(self.map.compressed[index])
         self._zcache = (key, data)
@@ -246,7 +262,7 @@ class Disk:
         per = top.cs // self.map.g
         first = c * per
         end = min(first + per, self.map.nslots)
-        self.map.set_cluster(first, per, TOP_TAG, new if new & ~COPIED else ZERO_FLAG, end)
+        self.map.set_cluster(first, per, self.top_tag, new if new & ~COPIED else ZERO_FLAG, end)
 
     def _full_clusters(self, top: TopImage, length: int, offset: int) -> tuple[int, int]:
         """[first, end) of the clusters that [offset, offset + length) covers whole.
@@ -329,6 +345,37 @@ class Disk:
                     continue
                 top.begin_write()
                 self._set_top(top, c, ZERO_FLAG if below else 0)
+
+    def snapshot(self, new_path: str) -> None:
+        """Freeze the top and put a new empty qcow2 image on it.
+
+        Runs under the disk lock: in-flight requests finish first, later ones
+        wait and then go to the new top. The frozen image keeps only a read
+        lock, so nobody (QEMU included) may write it while it is a backing file.
+        """
+        top = self._writable()
+        with self.lock:
+            if len(self.layers) >= MAX_LAYERS:
+                raise RequestError(self.path, f"the chain already has {MAX_LAYERS} images")
+            self.flush()
+            old = top.f
+            backing = os.path.relpath(old.path, os.path.dirname(os.path.abspath(new_path)))
+            create_qcow2(new_path, self.size, cluster_bits=old.cluster_bits, backing=backing,
+                         backing_format="qcow2")
+            try:
+                f = Qcow2File(new_path, writable=True)
+                new_top = TopImage(f)
+            except BaseException:
+                os.unlink(new_path)
+                raise
+            locking.lock_for_read(old.fd, old.path)
+            self.layers.insert(0, f)
+            self._fds.append(f.fd)
+            self.limits.append(self.size)
+            self.top = new_top
+            self.top_tag = len(self.layers) << LAYER_SHIFT
+            self.path = f.path
+            self.map.freeze_backing()
 
     def flush(self) -> None:
         with self.lock:

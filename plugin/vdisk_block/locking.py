@@ -48,10 +48,11 @@ def lock_image(fd: int, path: str, perm: int, shared: int) -> None:
     try:
         for i in range(len(PERM_NAMES)):
             bit = 1 << i
-            if perm & bit:
-                _lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, PERM_BASE + i)
-            if not shared & bit:
-                _lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, SHARED_BASE + i)
+            # set every byte to its wanted state, so that this also downgrades
+            _lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK if perm & bit else fcntl.F_UNLCK,
+                  PERM_BASE + i)
+            _lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK if shared & bit else fcntl.F_RDLCK,
+                  SHARED_BASE + i)
         for i, name in enumerate(PERM_NAMES):
             bit = 1 << i
             if not shared & bit and _conflicts(fd, PERM_BASE + i):
