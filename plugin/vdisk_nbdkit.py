@@ -24,7 +24,14 @@ sys.tracebacklimit = 0       # errors reach the log as one line: "Type: image: r
 
 _config: dict[str, str] = {}
 _disk = None
-_KEYS = {"image": "path of the top image of the chain to serve"}
+_KEYS = {
+    "image": "path of the top image of the chain to serve",
+    "threads": "thread model: parallel (default) or serialize",
+}
+_THREAD_MODELS = {
+    "parallel": nbdkit.THREAD_MODEL_PARALLEL,
+    "serialize": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
+}
 MAX_REQUEST = 32 << 20
 
 
@@ -44,7 +51,8 @@ def _errors(fn):
 
 
 def thread_model():
-    return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+    # measured in docs/benchmarks.md; the engine takes its own lock either way
+    return _THREAD_MODELS[_config.get("threads", "parallel")]
 
 
 def config(key, value):
@@ -52,6 +60,8 @@ def config(key, value):
         raise ValueError(f"unknown parameter {key!r}; known: {', '.join(sorted(_KEYS))}")
     if key in _config:
         raise ValueError(f"parameter {key!r} given twice")
+    if key == "threads" and value not in _THREAD_MODELS:
+        raise ValueError(f"threads={value!r}: expected one of {', '.join(_THREAD_MODELS)}")
     _config[key] = value
 
 

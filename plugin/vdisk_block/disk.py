@@ -18,24 +18,30 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from typing import Protocol
 
-from . import locking
 from .clustermap import (
     KIND_COMPRESSED,
     LAYER_SHIFT,
-    MAX_LAYERS,
     PAYLOAD_MASK,
     SLOT_BITS,
     SLOT_MASK,
     ClusterMap,
 )
-from .create import create_qcow2
 from .errors import NotFast, RequestError
 from .image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
 from .top import TopImage
 
 EXTENT_DATA = 0
 EXTENT_HOLE_ZERO = 3      # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+
+
+class MirrorHooks(Protocol):
+    """What a running mirror job is told of every change to the guest view."""
+
+    def mirror_write(self, data: memoryview, offset: int) -> None: ...
+
+    def mirror_zero(self, length: int, offset: int) -> None: ...
 
 
 def _in_place(e: int) -> bool:
@@ -72,7 +78,10 @@ class Disk:
         self.map.apply_layer(len(layers) - 1, layers[0], tables)
         self.cluster_size = layers[0].cluster_size or self.map.g
         self.lock = threading.RLock()
+        self._idle = threading.Condition(self.lock)
+        self._inflight = 0
         self._zcache: tuple[int, bytes] | None = None
+        self.job: MirrorHooks | None = None
 
     def layer(self, e: int) -> Qcow2File | RawFile:
         """The file a map entry points into."""
@@ -146,18 +155,35 @@ class Disk:
         n = len(buf)
         slot, within = divmod(offset, self.map.g)
         if 0 <= offset and within + n <= self.map.g and offset + n <= self.size:
-            # fast path: one slot of plain data, the common small random read
+            # Fast path, the common small random read: one slot of plain data,
+            # read outside the lock so that reads overlap in the page cache and
+            # on the device. _inflight keeps its descriptor open meanwhile.
+            fd = -1
             with self.lock:
                 e = self.map.entries[slot]
                 if e and not e & KIND_COMPRESSED and \
                         offset + n <= self.limits[(e >> LAYER_SHIFT) - 1]:
-                    if os.preadv(self._fds[(e >> LAYER_SHIFT) - 1], [buf],
-                                 (e & PAYLOAD_MASK) + within) == n:
-                        return
+                    fd = self._fds[(e >> LAYER_SHIFT) - 1]
+                    self._inflight += 1
+            if fd >= 0:
+                try:
+                    got = os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within)
+                finally:
+                    with self.lock:
+                        self._inflight -= 1
+                        if not self._inflight:
+                            self._idle.notify_all()
+                if got == n:
+                    return
         mv = memoryview(buf).cast("B")
         self._check(len(mv), offset)
         with self.lock:
             self._read(mv, offset)
+
+    def drain_reads(self, timeout: float = 30.0) -> None:
+        """Wait (holding the lock) until no read runs outside it, before closing files."""
+        if not self._idle.wait_for(lambda: not self._inflight, timeout):
+            raise RequestError(self.path, f"reads still in flight after {timeout} s")
 
     def read(self, length: int, offset: int) -> bytes:
         buf = bytearray(length)
@@ -193,16 +219,19 @@ class Disk:
             return
         top = self._writable()
         with self.lock:
-            top.begin_write()
-            cs = top.cs
-            end = offset + len(mv)
-            c = offset // cs
-            last = (end - 1) // cs
-            while c <= last:
-                if _in_place(top.entry(c)):
-                    c = self._write_in_place(top, c, last, mv, offset)
-                else:
-                    c = self._write_allocating(top, c, last, mv, offset)
+            self._write_top(top, mv, offset)
+            if self.job is not None:
+                self.job.mirror_write(mv, offset)
+
+    def _write_top(self, top: TopImage, mv: memoryview, offset: int) -> None:
+        top.begin_write()
+        c = offset // top.cs
+        last = (offset + len(mv) - 1) // top.cs
+        while c <= last:
+            if _in_place(top.entry(c)):
+                c = self._write_in_place(top, c, last, mv, offset)
+            else:
+                c = self._write_allocating(top, c, last, mv, offset)
 
     def _write_in_place(self, top: TopImage, c: int, last: int, mv: memoryview,
                         offset: int) -> int:
@@ -299,9 +328,11 @@ class Disk:
                 if c not in slow:
                     self._zero_cluster(top, c, may_trim)
             for c in sorted(slow):
-                self.write(bytes(min(cs, self.size - c * cs)), c * cs)
+                self._write_top(top, memoryview(bytes(min(cs, self.size - c * cs))), c * cs)
             for off, n in partial:
-                self.write(bytes(n), off)
+                self._write_top(top, memoryview(bytes(n)), off)
+            if self.job is not None:
+                self.job.mirror_zero(length, offset)
 
     def _reads_zero(self, offset: int, length: int) -> bool:
         g = self.map.g
@@ -345,37 +376,9 @@ class Disk:
                     continue
                 top.begin_write()
                 self._set_top(top, c, ZERO_FLAG if below else 0)
-
-    def snapshot(self, new_path: str) -> None:
-        """Freeze the top and put a new empty qcow2 image on it.
-
-        Runs under the disk lock: in-flight requests finish first, later ones
-        wait and then go to the new top. The frozen image keeps only a read
-        lock, so nobody (QEMU included) may write it while it is a backing file.
-        """
-        top = self._writable()
-        with self.lock:
-            if len(self.layers) >= MAX_LAYERS:
-                raise RequestError(self.path, f"the chain already has {MAX_LAYERS} images")
-            self.flush()
-            old = top.f
-            backing = os.path.relpath(old.path, os.path.dirname(os.path.abspath(new_path)))
-            create_qcow2(new_path, self.size, cluster_bits=old.cluster_bits, backing=backing,
-                         backing_format="qcow2")
-            try:
-                f = Qcow2File(new_path, writable=True)
-                new_top = TopImage(f)
-            except BaseException:
-                os.unlink(new_path)
-                raise
-            locking.lock_for_read(old.fd, old.path)
-            self.layers.insert(0, f)
-            self._fds.append(f.fd)
-            self.limits.append(self.size)
-            self.top = new_top
-            self.top_tag = len(self.layers) << LAYER_SHIFT
-            self.path = f.path
-            self.map.freeze_backing()
+                if self.job is not None:
+                    n = min(top.cs, self.size - c * top.cs)
+                    self.job.mirror_zero(n, c * top.cs)
 
     def flush(self) -> None:
         with self.lock:
@@ -385,6 +388,7 @@ class Disk:
     def close(self) -> None:
         with self.lock:
             try:
+                self.drain_reads()
                 self.flush()
             finally:
                 for f in self.layers:

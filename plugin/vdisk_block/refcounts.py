@@ -66,6 +66,7 @@ class Refcounts:
         self.table_offset = h.refcount_table_offset
         self.table_clusters = h.refcount_table_clusters
         self.counts = array("Q")
+        self.used = bytearray()          # 1 where counts[c] > 0: searched with find()
         self.table: list[int] = []
         self.dirty_blocks: set[int] = set()
         self.table_dirty = False
@@ -94,50 +95,51 @@ class Refcounts:
             first = b * self.per_block
             self._grow(first + self.per_block)
             self.counts[first:first + self.per_block] = array("Q", counts)
+            self.used[first:first + self.per_block] = bytes(1 if c else 0 for c in counts)
 
     def _grow(self, n: int) -> None:
         missing = n - len(self.counts)
         if missing > 0:
             self.counts.frombytes(bytes(8 * missing))
+            self.used.extend(bytes(missing))
 
     def get(self, cluster: int) -> int:
         return self.counts[cluster] if cluster < len(self.counts) else 0
 
     # -- allocation ------------------------------------------------------
 
+    def _set(self, cluster: int, value: int) -> None:
+        self.counts[cluster] = value
+        self.used[cluster] = 1 if value else 0
+
     def _find_free(self, n: int) -> int:
-        """First-fit run of n clusters with refcount 0, starting at free_index."""
-        counts = self.counts
-        i = self.free_index
-        run = 0
-        end = len(counts)
-        while i < end:
-            if counts[i]:
-                run = 0
-            else:
-                run += 1
-                if run == n:
-                    return i - n + 1
-            i += 1
-        return end - run
+        """First-fit run of n clusters with refcount 0 (possibly running past the end)."""
+        used = self.used
+        first = used.find(0, self.free_index)
+        self.free_index = first = len(used) if first < 0 else first
+        start = used.find(bytes(n), first)
+        if start >= 0:
+            return start
+        end = len(used)                  # no run inside: use the free tail, if any
+        while end > first and not used[end - 1]:
+            end -= 1
+        return end
 
     def allocate(self, n: int) -> int:
         """Allocate n contiguous clusters (refcount 1); return the host offset."""
         start = self._find_free(n)
         self._grow(start + n)
         for c in range(start, start + n):
-            self.counts[c] = 1
+            self._set(c, 1)
         for c in range(start, start + n):
             self._mark(c)
-        if start == self.free_index:
-            self.free_index = start + n
         return start * self.cs
 
     def undo_allocate(self, offset: int, n: int) -> None:
         """Give back clusters whose allocation never became visible on disk."""
         first = offset // self.cs
         for c in range(first, first + n):
-            self.counts[c] = 0
+            self._set(c, 0)
             self._mark(c)
         self.free_index = min(self.free_index, first)
 
@@ -145,7 +147,7 @@ class Refcounts:
         if self.get(cluster) >= self.max_count:
             raise MalformedImage(self.path, f"refcount of cluster {cluster} would overflow")
         self._grow(cluster + 1)
-        self.counts[cluster] += 1
+        self._set(cluster, self.counts[cluster] + 1)
         self._mark(cluster)
 
     def free_later(self, cluster: int) -> None:
@@ -166,7 +168,7 @@ class Refcounts:
         self.table[block] = c * self.cs
         self.table_dirty = True
         self._grow(c + 1)
-        self.counts[c] = 1
+        self._set(c, 1)
         self._mark(c)
 
     def _grow_table(self, block: int) -> None:
@@ -190,7 +192,7 @@ class Refcounts:
         self.table_offset, self.table_clusters = end * self.cs, clusters
         self._grow(end + clusters)
         for c in range(end, end + clusters):
-            self.counts[c] = 1
+            self._set(c, 1)
         for c in range(end, end + clusters):
             self._mark(c)
         first_old = old_offset // self.cs
@@ -231,7 +233,7 @@ class Refcounts:
         blocks = set()
         for c in pending:
             if self.counts[c]:
-                self.counts[c] -= 1
+                self._set(c, self.counts[c] - 1)
             blocks.add(c // self.per_block)
             self.free_index = min(self.free_index, c)
         self._write_blocks(blocks | self.dirty_blocks)

@@ -12,6 +12,7 @@ from conftest import assert_matches_oracle, raw_view
 
 from vdisk import qemu_img, qemu_io
 from vdisk_block import ImageError
+from vdisk_block.chainops import snapshot
 from vdisk_block.create import create_qcow2
 
 MiB = 1 << 20
@@ -61,7 +62,7 @@ def test_snapshots_freeze_the_top(tmp_path: Path, opened) -> None:
         oracle[off + 500_000:off + 570_000] = bytes(70_000)
         old = Path(d.path)
         new = tmp_path / f"snap{i}.qcow2"
-        d.snapshot(str(new))
+        snapshot(d, str(new))
         frozen.append((old, _sha(old), bytes(oracle)))
         assert d.path == str(new)
         assert d.read(d.size, 0) == oracle
@@ -84,7 +85,7 @@ def test_read_only_disk_cannot_snapshot(tmp_path: Path, opened) -> None:
     qemu_img.create(img, size=MiB)
     d = opened(img, readonly=True)
     with pytest.raises(ImageError):
-        d.snapshot(str(tmp_path / "snap.qcow2"))
+        snapshot(d, str(tmp_path / "snap.qcow2"))
     assert not (tmp_path / "snap.qcow2").exists()
 
 

@@ -1,0 +1,310 @@
+"""Online consolidation by I/O mirroring.
+
+A job collapses the top `collapse` layers of a disk's chain into a target:
+an image already in the chain (into mode: disk.layers[collapse]) or a new
+image on top of disk.layers[collapse] (new mode). The target chain is served
+by a second Disk sharing the lower layers.
+
+States and transitions (each has a test in tests/unit/test_mirror.py):
+
+    copying --copy pass done--> ready --complete()--> pivoting --> done
+       |                          |                      |
+       +--cancel()--> cancelled <-+                      +--error--> failed
+       +--target error--------------> failed <-----------+
+
+Copy and mirrored writes both run under the disk lock, so their order is the
+order in which they reach the target:
+
+    guest write W to clusters C     copy of C (one pass, chunk by chunk)
+    ---------------------------     --------------------------------------
+    W before the copy of C:         the copy reads the view with W in it
+    W after the copy of C:          W is mirrored after the copy landed
+    W while C is copied:            impossible, W waits for the lock
+
+so a stale copy never lands on newer data and every cluster is copied once.
+Whatever happens to the job, the served chain reads the same: the target only
+changes where the layers above it hold data (the copy set, and clusters the
+guest writes, which land in the top first).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from . import locking
+from .chainops import Persist, adopt, relative_backing
+from .create import create_qcow2
+from .disk import Disk
+from .errors import RequestError
+from .image import COPIED, Qcow2File
+
+
+class State(enum.Enum):
+    COPYING = "copying"
+    READY = "ready"
+    PIVOTING = "pivoting"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+ACTIVE = (State.COPYING, State.READY)
+
+
+@dataclass
+class Stats:
+    copy_set_bytes: int = 0
+    bytes_copied: int = 0
+    bytes_mirrored: int = 0
+    passes: int = 0
+    time_to_ready_s: float = 0.0
+    duration_s: float = 0.0
+    pivot_pause_ms: float = 0.0
+
+
+def _disk_over(top: Qcow2File, lower: list) -> Disk:
+    """A writable Disk of top over lower layers that stay shared with the served disk."""
+    try:
+        return Disk([top, *lower], readonly=False)
+    except BaseException:
+        top.close()
+        raise
+
+
+class MirrorJob:
+    def __init__(self, disk: Disk, collapse: int = 1, *, new_path: str | None = None,
+                 chunk: int = 1 << 20,
+                 on_change: Callable[[MirrorJob], None] | None = None) -> None:
+        if disk.top is None:
+            raise RequestError(disk.path, "the disk is read-only")
+        if not 1 <= collapse <= len(disk.layers) - (0 if new_path else 1):
+            raise RequestError(disk.path, f"cannot collapse {collapse} layers of a chain "
+                               f"of {len(disk.layers)}")
+        self.disk = disk
+        self.collapse = collapse
+        self.new_path = new_path
+        self.chunk = chunk
+        self.on_change = on_change
+        self.state = State.COPYING
+        self.error: str | None = None
+        self.stats = Stats()
+        self.target_path = new_path or disk.layers[collapse].path
+        self.dropped: list[str] = []
+        self._cond = threading.Condition()
+        self._t0 = time.monotonic()
+        self._target: Disk | None = None
+        self._copy_set = bytearray()
+        self._thread: threading.Thread | None = None
+
+    # -- start ----------------------------------------------------------------
+
+    def start(self) -> MirrorJob:
+        disk = self.disk
+        with disk.lock:
+            if disk.job is not None:
+                raise RequestError(disk.path, "a mirror job is already running on this disk")
+            self._copy_set = self._compute_copy_set()
+            self._target = self._open_target()
+            g = disk.map.g
+            marked = self._copy_set
+            bd = disk.map.backing_data
+            s = marked.find(1)
+            count = 0
+            while s >= 0:
+                bd[s] = 1               # the target may now hold data under these slots
+                count += 1
+                s = marked.find(1, s + 1)
+            self.stats.copy_set_bytes = min(count * g, disk.size)
+            disk.job = self
+        self._thread = threading.Thread(target=self._copy_pass, name="vdisk-mirror",
+                                        daemon=True)
+        self._thread.start()
+        self._notify()
+        return self
+
+    def _compute_copy_set(self) -> bytearray:
+        """Slots that any collapsed layer allocates (data or zero) or hides."""
+        disk = self.disk
+        m = disk.map
+        marked = bytearray(m.nslots)
+        for p in range(self.collapse):
+            f = disk.layers[p]
+            assert isinstance(f, Qcow2File)
+            if f.size < disk.size:      # a smaller layer hides what lies below it
+                marked[f.size // m.g:] = b"\1" * (m.nslots - f.size // m.g)
+            per = f.cluster_size // m.g
+            assert disk.top is not None
+            tables = disk.top.l2.items() if p == 0 else \
+                ((i, l2) for i, _off, l2 in f.l2_tables())
+            for l1_index, l2 in tables:
+                for k, e in enumerate(l2):
+                    if e & ~COPIED:
+                        first = (l1_index * f.header.l2_entries + k) * per
+                        if first < m.nslots:
+                            end = min(first + per, m.nslots)
+                            marked[first:end] = b"\1" * (end - first)
+        return marked
+
+    def _open_target(self) -> Disk:
+        disk = self.disk
+        lower = disk.layers[self.collapse + (0 if self.new_path else 1):]
+        if self.new_path:
+            old_top = disk.layers[0]
+            backing = disk.layers[self.collapse] if self.collapse < len(disk.layers) else None
+            assert isinstance(old_top, Qcow2File)
+            create_qcow2(self.new_path, disk.size, cluster_bits=old_top.cluster_bits,
+                         backing=relative_backing(self.new_path, backing.path) if backing else None,
+                         backing_format=backing.fmt if backing else None)
+            try:
+                return _disk_over(Qcow2File(self.new_path, writable=True), lower)
+            except BaseException:
+                os.unlink(self.new_path)
+                raise
+        orig = disk.layers[self.collapse]
+        if not isinstance(orig, Qcow2File):
+            raise RequestError(orig.path, "a raw image cannot be a consolidation target")
+        # our own read lock must not stop our own writer; others still cannot write
+        locking.lock_image(orig.fd, orig.path, locking.PERM_CONSISTENT_READ, locking.PERM_ALL)
+        try:
+            return _disk_over(Qcow2File(orig.path, writable=True), lower)
+        except BaseException:
+            locking.lock_for_read(orig.fd, orig.path)
+            raise
+
+    # -- copy and mirror ------------------------------------------------------
+
+    def _copy_pass(self) -> None:
+        disk, target = self.disk, self._target
+        assert target is not None
+        g = disk.map.g
+        per_chunk = max(1, self.chunk // g)
+        marked = self._copy_set
+        a = marked.find(1)
+        try:
+            while a >= 0:
+                b = marked.find(0, a, a + per_chunk)
+                b = min(a + per_chunk, len(marked)) if b < 0 else b
+                with disk.lock:
+                    if self.state is not State.COPYING:
+                        return
+                    off = a * g
+                    n = min(b * g, disk.size) - off
+                    if disk.map.is_zero(a, b - a):
+                        target.zero(n, off, may_trim=True)
+                    else:
+                        buf = bytearray(n)
+                        disk._read(memoryview(buf), off)
+                        target.write(buf, off)
+                    self.stats.bytes_copied += n
+                a = marked.find(1, b)
+            with disk.lock:
+                if self.state is State.COPYING:
+                    target.flush()
+                    self.stats.passes = 1
+                    self.stats.time_to_ready_s = time.monotonic() - self._t0
+                    self._set(State.READY)
+        except Exception as e:          # noqa: BLE001 - the job fails, the disk serves on
+            with disk.lock:
+                self._fail(e)
+
+    def mirror_write(self, data: memoryview, offset: int) -> None:
+        """Called under the disk lock after the top took the write."""
+        try:
+            assert self._target is not None
+            self._target.write(data, offset)
+            self.stats.bytes_mirrored += len(data)
+        except Exception as e:          # noqa: BLE001
+            self._fail(e)
+
+    def mirror_zero(self, length: int, offset: int) -> None:
+        try:
+            assert self._target is not None
+            self._target.zero(length, offset, may_trim=True)
+            self.stats.bytes_mirrored += length
+        except Exception as e:          # noqa: BLE001
+            self._fail(e)
+
+    # -- end states -------------------------------------------------------------
+
+    def complete(self, persist: Persist | None = None) -> list[str]:
+        """Pivot: the disk serves the target chain. Returns images no longer used."""
+        disk = self.disk
+        with disk.lock:
+            if self.state is not State.READY:
+                raise RequestError(disk.path, f"the job is {self.state.value}, not ready")
+            self._set(State.PIVOTING)
+            t0 = time.monotonic()
+            target = self._target
+            assert target is not None
+            try:
+                target.flush()
+                if persist is not None:
+                    persist(self.target_path)
+            except Exception as e:
+                self._fail(e)
+                raise
+            disk.drain_reads()
+            dropped = adopt(disk, target)
+            disk.job = None
+            for f in dropped:
+                f.close()
+            self.dropped = [f.path for f in dropped if f.path != self.target_path]
+            self.stats.pivot_pause_ms = (time.monotonic() - t0) * 1000
+            self.stats.duration_s = time.monotonic() - self._t0
+            self._set(State.DONE)
+            return self.dropped
+
+    def cancel(self) -> None:
+        with self.disk.lock:
+            if self.state not in ACTIVE:
+                raise RequestError(self.disk.path, f"the job is {self.state.value}")
+            self._release_target()
+            self._set(State.CANCELLED)
+
+    def _fail(self, e: BaseException) -> None:
+        """Called under the disk lock: abandon the target, keep serving the chain."""
+        if self.state not in (*ACTIVE, State.PIVOTING):
+            return
+        self.error = str(e)
+        self._release_target()
+        self._set(State.FAILED)
+
+    def _release_target(self) -> None:
+        disk, target = self.disk, self._target
+        disk.job = None
+        self.stats.duration_s = time.monotonic() - self._t0
+        if target is None:
+            return
+        target.layers[0].close()
+        if self.new_path:
+            os.unlink(self.new_path)
+        else:
+            orig = disk.layers[self.collapse]
+            locking.lock_for_read(orig.fd, orig.path)
+        self._target = None
+
+    def _set(self, state: State) -> None:
+        with self._cond:
+            self.state = state
+            self._cond.notify_all()
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def wait(self, states: tuple[State, ...], timeout: float) -> State:
+        """Wait until the job reaches one of states (or an end state); bounded."""
+        end = (*states, State.DONE, State.CANCELLED, State.FAILED)
+        with self._cond:
+            self._cond.wait_for(lambda: self.state in end, timeout)
+            return self.state
+
+    def info(self) -> dict:
+        return {"state": self.state.value, "target": self.target_path, "error": self.error,
+                "collapse": self.collapse, "dropped": self.dropped, **asdict(self.stats)}

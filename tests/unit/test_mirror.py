@@ -1,0 +1,233 @@
+"""The mirror job: one test per state transition, QEMU as the oracle."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import assert_matches_oracle, raw_view
+
+from vdisk import qemu_img, qemu_io
+from vdisk_block import Disk, ImageError
+from vdisk_block.chainops import snapshot
+from vdisk_block.mirror import MirrorJob, State
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+class Guest:
+    """Random writes, zeroes and trims with an in-memory oracle."""
+
+    def __init__(self, disk: Disk, oracle: bytearray, seed: int = 1) -> None:
+        self.disk, self.oracle, self.rnd = disk, oracle, random.Random(seed)
+
+    def step(self) -> None:
+        d, rnd = self.disk, self.rnd
+        off = rnd.randrange(d.size)
+        n = rnd.randrange(1, min(150_000, d.size - off) + 1)
+        kind = rnd.random()
+        if kind < 0.7:
+            data = os.urandom(n)
+            d.write(data, off)
+            self.oracle[off:off + n] = data
+        elif kind < 0.9:
+            d.zero(n, off, may_trim=rnd.random() < 0.5)
+            self.oracle[off:off + n] = bytes(n)
+        else:                          # v3 top: whole clusters covered read zeros
+            cs = d.cluster_size
+            d.trim(n, off)
+            first, end = -(-off // cs), (off + n) // cs
+            self.oracle[first * cs:end * cs] = bytes(max(0, end - first) * cs)
+
+
+@pytest.fixture
+def chain(tmp_path: Path, opened):
+    """base (data in the first half) <- snap1 (frozen, random data) <- top; and a Guest."""
+    base = tmp_path / "base.qcow2"
+    qemu_img.create(base, size=SIZE)
+    qemu_io.run(base, "write -P 0x11 0 8M")
+    oracle = bytearray(raw_view(base, tmp_path))
+    disk = opened(base)
+    guest = Guest(disk, oracle)
+    for _ in range(60):
+        guest.step()
+    snapshot(disk, str(tmp_path / "snap1.qcow2"))
+    for _ in range(60):
+        guest.step()
+    snapshot(disk, str(tmp_path / "top.qcow2"))
+    for _ in range(30):
+        guest.step()
+    return disk, guest
+
+
+def _writable_by_qemu(path: Path) -> bool:
+    r = subprocess.run(["qemu-io", "-c", "write 0 512", str(path)], capture_output=True,
+                       check=False)
+    return r.returncode == 0
+
+
+def test_copying_ready_pivoting_done_under_load(chain, tmp_path: Path) -> None:
+    disk, guest = chain
+    seen: list[State] = []
+    job = MirrorJob(disk, 1, chunk=64 * 1024, on_change=lambda j: seen.append(j.state)).start()
+    while job.state is State.COPYING:
+        guest.step()
+    assert job.wait((State.READY,), 10) is State.READY
+    for _ in range(20):
+        guest.step()                      # mirrored while ready
+    snap1 = tmp_path / "snap1.qcow2"
+    dropped = job.complete()
+    assert seen == [State.COPYING, State.READY, State.PIVOTING, State.DONE]
+    assert dropped == [str(tmp_path / "top.qcow2")]
+    assert disk.path == str(snap1)
+    s = job.stats
+    assert s.passes == 1 and 0 < s.bytes_copied <= s.copy_set_bytes and s.bytes_mirrored > 0
+    assert disk.read(disk.size, 0) == guest.oracle
+    for _ in range(20):
+        guest.step()                      # the disk goes on on the target
+    disk.close()
+    assert len(qemu_img.info(snap1, backing_chain=True)) == 2
+    assert_matches_oracle(snap1, guest.oracle, tmp_path)
+
+
+def test_cancel_while_copying_changes_nothing_visible(chain, tmp_path: Path) -> None:
+    disk, guest = chain
+    before = disk.read(disk.size, 0)
+    with disk.lock:                       # the copy thread cannot take a step yet
+        job = MirrorJob(disk, 1, chunk=4096).start()
+        job.cancel()
+    assert job.state is State.CANCELLED and job.stats.bytes_copied == 0
+    assert disk.job is None and disk.read(disk.size, 0) == before
+    assert not _writable_by_qemu(tmp_path / "snap1.qcow2"), "the read lock must be back"
+    guest.step()
+    disk.close()
+    assert_matches_oracle(tmp_path / "top.qcow2", guest.oracle, tmp_path)
+
+
+def test_cancel_when_ready_keeps_the_chain(chain, tmp_path: Path) -> None:
+    disk, guest = chain
+    job = MirrorJob(disk, 1).start()
+    assert job.wait((State.READY,), 10) is State.READY
+    guest.step()
+    job.cancel()
+    assert job.state is State.CANCELLED
+    with pytest.raises(ImageError):
+        job.complete()
+    guest.step()
+    assert disk.read(disk.size, 0) == guest.oracle
+    disk.close()
+    top = tmp_path / "top.qcow2"
+    assert len(qemu_img.info(top, backing_chain=True)) == 3
+    for name in ("base.qcow2", "snap1.qcow2"):
+        qemu_img.check_clean(tmp_path / name)
+    assert_matches_oracle(top, guest.oracle, tmp_path)
+
+
+def test_new_image_target_collapses_two_layers(chain, tmp_path: Path) -> None:
+    disk, guest = chain
+    new = tmp_path / "merged.qcow2"
+    job = MirrorJob(disk, 2, new_path=str(new)).start()
+    while job.state is State.COPYING:
+        guest.step()
+    assert sorted(job.complete()) == sorted(str(tmp_path / n) for n in
+                                            ("top.qcow2", "snap1.qcow2"))
+    guest.step()
+    disk.close()
+    info = qemu_img.info(new, backing_chain=True)
+    assert [Path(i["filename"]).name for i in info] == ["merged.qcow2", "base.qcow2"]
+    assert_matches_oracle(new, guest.oracle, tmp_path)
+
+
+def test_cancelled_new_image_is_removed(chain, tmp_path: Path) -> None:
+    disk, _ = chain
+    new = tmp_path / "merged.qcow2"
+    job = MirrorJob(disk, 1, new_path=str(new)).start()
+    job.wait((State.READY,), 10)
+    job.cancel()
+    assert not new.exists()
+
+
+def test_target_write_error_fails_the_job_not_the_guest(chain, tmp_path: Path) -> None:
+    disk, guest = chain
+    job = MirrorJob(disk, 1).start()
+    assert job.wait((State.READY,), 10) is State.READY
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    job._target.write = full              # the target's filesystem is full
+    guest.step()
+    while job.state is State.READY:
+        guest.step()
+    assert job.state is State.FAILED and "No space left" in job.error
+    assert disk.job is None
+    for _ in range(10):
+        guest.step()
+    assert disk.read(disk.size, 0) == guest.oracle
+    disk.close()
+    for name in ("base.qcow2", "snap1.qcow2"):
+        qemu_img.check_clean(tmp_path / name)
+    assert_matches_oracle(tmp_path / "top.qcow2", guest.oracle, tmp_path)
+
+
+def test_refusals(chain, tmp_path: Path) -> None:
+    disk, _ = chain
+    job = MirrorJob(disk, 1)
+    with pytest.raises(ImageError):
+        job.complete()                    # not ready
+    job.start()
+    with pytest.raises(ImageError):
+        MirrorJob(disk, 1).start()        # one job per disk
+    with pytest.raises(ImageError):
+        snapshot(disk, str(tmp_path / "x.qcow2"))
+    job.wait((State.READY,), 10)
+    job.cancel()
+    with pytest.raises(ImageError):
+        MirrorJob(disk, 3)                # the base has nothing below to collapse into
+
+
+def test_smaller_middle_layer_hides_target_data(tmp_path: Path, opened) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img.create(base, size=8 * MiB)
+    qemu_io.run(base, "write -P 0x21 0 8M")
+    mid = tmp_path / "mid.qcow2"
+    qemu_img.create(mid, size=4 * MiB, backing="base.qcow2", backing_fmt="qcow2")
+    top = tmp_path / "top.qcow2"
+    qemu_img.create(top, size=8 * MiB, backing="mid.qcow2", backing_fmt="qcow2")
+    oracle = bytearray(raw_view(top, tmp_path))
+    assert oracle[6 * MiB] == 0
+    disk = opened(top)
+    job = MirrorJob(disk, 2).start()
+    job.wait((State.READY,), 10)
+    job.complete()
+    assert disk.read(disk.size, 0) == oracle
+    disk.close()
+    assert_matches_oracle(base, oracle, tmp_path)
+
+
+def test_concurrent_writer_thread(chain, tmp_path: Path) -> None:
+    """Guest writes from another thread while the copy runs: ordering under the lock."""
+    disk, guest = chain
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            guest.step()
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        job = MirrorJob(disk, 2, chunk=32 * 1024).start()
+        assert job.wait((State.READY,), 30) is State.READY
+    finally:
+        stop.set()
+        t.join(10)
+    job.complete()
+    assert disk.read(disk.size, 0) == guest.oracle
+    disk.close()
+    assert_matches_oracle(tmp_path / "base.qcow2", guest.oracle, tmp_path)
