@@ -26,7 +26,7 @@ _config: dict[str, str] = {}
 _disk = None
 _KEYS = {
     "image": "path of the top image of the chain to serve",
-    "threads": "thread model: parallel (default) or serialize",
+    "threads": "thread model: serialize (default) or parallel",
 }
 _THREAD_MODELS = {
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
@@ -52,7 +52,7 @@ def _errors(fn):
 
 def thread_model():
     # measured in docs/benchmarks.md; the engine takes its own lock either way
-    return _THREAD_MODELS[_config.get("threads", "parallel")]
+    return _THREAD_MODELS[_config.get("threads", "serialize")]
 
 
 def config(key, value):
