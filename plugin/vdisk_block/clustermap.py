@@ -5,7 +5,9 @@ Layers are applied base first, so an upper layer's clusters overwrite what
 lies below; the top keeps the map current as it allocates, zeroes and trims.
 
 The map has one 64-bit entry per slot of `granularity` bytes (the smallest
-cluster size in the chain, so every cluster covers whole slots):
+cluster size in the chain, so every cluster covers whole slots), kept in
+chunks of 32 Ki slots that exist only where some layer has clusters, so an
+empty terabyte disk costs nothing:
 
      63      56 55 54                                   0
     +----------+--+--------------------------------------+
@@ -23,7 +25,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 
-from .errors import MalformedImage
+from .errors import UnsupportedImage
 from .image import COMPRESSED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
 
 LAYER_SHIFT = 56
@@ -32,22 +34,108 @@ PAYLOAD_MASK = KIND_COMPRESSED - 1
 SLOT_BITS = 12
 SLOT_MASK = (1 << SLOT_BITS) - 1
 ZERO = 0
-MAX_SLOTS = 1 << 28
+MAX_SLOTS = 1 << 40
+CHUNK_BITS = 15                  # slots per chunk: 32 Ki (256 KiB of map)
+CHUNK = 1 << CHUNK_BITS
+CHUNK_MASK = CHUNK - 1
 MAX_LAYERS = 250                 # layer + 1 must fit the 8-bit field
 
 
 class ClusterMap:
-    def __init__(self, size: int, granularity: int) -> None:
+    def __init__(self, size: int, granularity: int, path: str = "") -> None:
         self.size = size
         self.g = granularity
         nslots = -(-size // granularity)
         if nslots > MAX_SLOTS:
-            raise MalformedImage("", f"virtual size {size} needs {nslots} map slots")
+            raise UnsupportedImage(path, f"virtual size {size} is too large")
         self.nslots = nslots
-        self.entries = array("Q", bytes(8 * nslots))
+        self.chunks: list[array | None] = [None] * (-(-nslots // CHUNK))
         self.compressed: list[int] = []     # raw L2 entries of compressed clusters
-        # 1 where the layers below the top hold data; fixed once the backing is applied
-        self.backing_data = bytearray()
+        # nonzero where the layers below the top hold data, fixed once they are applied
+        self.backing: list[array | None] = []
+
+    # -- access --------------------------------------------------------------
+
+    def get(self, s: int) -> int:
+        c = self.chunks[s >> CHUNK_BITS]
+        return 0 if c is None else c[s & CHUNK_MASK]
+
+    def _chunk(self, i: int) -> array:
+        c = self.chunks[i]
+        if c is None:
+            c = self.chunks[i] = array("Q", [0]) * CHUNK
+        return c
+
+    def set(self, s: int, value: int) -> None:
+        c = self.chunks[s >> CHUNK_BITS]
+        if c is None:
+            if not value:
+                return
+            c = self._chunk(s >> CHUNK_BITS)
+        c[s & CHUNK_MASK] = value
+
+    def clear(self, first: int, end: int) -> None:
+        """Slots [first, end) read zeros."""
+        while first < end:
+            i, lo = first >> CHUNK_BITS, first & CHUNK_MASK
+            hi = min(CHUNK, lo + end - first)
+            c = self.chunks[i]
+            if c is not None:
+                if lo == 0 and hi == CHUNK:
+                    self.chunks[i] = None
+                else:
+                    c[lo:hi] = array("Q", [0]) * (hi - lo)
+            first += hi - lo
+
+    def run(self, s: int, limit: int) -> tuple[int, int]:
+        """The entry at slot s and how many slots (at most limit) continue it.
+
+        Zero slots continue a zero entry; data slots continue a data entry when
+        they follow it on the host in the same layer; compressed slots stand alone.
+        """
+        e = self.get(s)
+        if e & KIND_COMPRESSED:
+            return e, 1
+        if not e:
+            return 0, self.zero_run_length(s, limit)
+        n, expect, g = 1, e + self.g, self.g
+        while n < limit and self.get(s + n) == expect:
+            n += 1
+            expect += g
+        return e, n
+
+    def zero_run_length(self, s: int, limit: int) -> int:
+        n = 0
+        while n < limit:
+            i, lo = (s + n) >> CHUNK_BITS, (s + n) & CHUNK_MASK
+            c = self.chunks[i]
+            span = min(CHUNK - lo, limit - n)
+            if c is None:
+                n += span
+                continue
+            for k in range(lo, lo + span):
+                if c[k]:
+                    return n + k - lo
+            n += span
+        return n
+
+    def data_run_length(self, s: int, limit: int) -> int:
+        """Slots from s (at most limit) that all hold data (any layer, any host)."""
+        n = 0
+        while n < limit:
+            i, lo = (s + n) >> CHUNK_BITS, (s + n) & CHUNK_MASK
+            c = self.chunks[i]
+            if c is None:
+                return n
+            span = min(CHUNK - lo, limit - n)
+            for k in range(lo, lo + span):
+                if not c[k]:
+                    return n + k - lo
+            n += span
+        return n
+
+    def is_zero(self, first: int, count: int) -> bool:
+        return self.zero_run_length(first, count) == count
 
     # -- building ----------------------------------------------------------
 
@@ -56,14 +144,12 @@ class ClusterMap:
         """Overlay one layer (applied base first) onto the map."""
         tag = (layer + 1) << LAYER_SHIFT
         g = self.g
-        entries = self.entries
         visible = -(-min(f.size, self.size) // g)
         # a layer hides everything below it beyond its own virtual size
-        if visible < self.nslots:
-            entries[visible:] = array("Q", bytes(8 * (self.nslots - visible)))
+        self.clear(visible, self.nslots)
         if isinstance(f, RawFile):
             for s in range(visible):
-                entries[s] = tag | (s * g)
+                self.set(s, tag | (s * g))
             return
         per = f.cluster_size // g
         span = f.header.l2_entries
@@ -80,28 +166,36 @@ class ClusterMap:
 
     def set_cluster(self, first: int, per: int, tag: int, e: int, end: int) -> None:
         """Point slots [first, end) at the cluster described by L2 entry e."""
-        entries = self.entries
         if e & COMPRESSED:
             index = len(self.compressed)
             self.compressed.append(e)
             c = tag | KIND_COMPRESSED | (index << SLOT_BITS)
             for t in range(end - first):
-                entries[first + t] = c | t
+                self.set(first + t, c | t)
         elif e & ZERO_FLAG:
-            entries[first:end] = array("Q", bytes(8 * (end - first)))
+            self.clear(first, end)
         else:
             host = e & OFFSET_MASK
             for t in range(end - first):
-                entries[first + t] = tag | (host + t * self.g)
+                self.set(first + t, tag | (host + t * self.g))
 
     def freeze_backing(self) -> None:
         """Remember which slots the backing chain (everything below the top) holds."""
-        self.backing_data = bytearray(1 if e else 0 for e in self.entries)
+        self.backing = [None if c is None else array("Q", c) for c in self.chunks]
+
+    def mark_backing(self, first: int, end: int) -> None:
+        """From now on, treat slots [first, end) as having backing data."""
+        for s in range(first, end):
+            i = s >> CHUNK_BITS
+            if self.backing[i] is None:
+                self.backing[i] = array("Q", [0]) * CHUNK
+            self.backing[i][s & CHUNK_MASK] = 1     # type: ignore[index]
 
     # -- queries -------------------------------------------------------------
 
     def backing_has_data(self, first: int, count: int) -> bool:
-        return any(self.backing_data[first:first + count])
-
-    def is_zero(self, first: int, count: int) -> bool:
-        return not any(self.entries[first:first + count])
+        for s in range(first, first + count):
+            c = self.backing[s >> CHUNK_BITS]
+            if c is not None and c[s & CHUNK_MASK]:
+                return True
+        return False

@@ -56,7 +56,7 @@ class Disk:
         self.readonly = readonly
         self.size = layers[0].size
         sizes = [f.cluster_size for f in layers if f.cluster_size]
-        self.map = ClusterMap(self.size, min(sizes) if sizes else 65536)
+        self.map = ClusterMap(self.size, min(sizes) if sizes else 65536, self.path)
         # per layer id (0 = base): descriptor and the end of its visible data
         self._fds: list[int] = []
         self.limits: list[int] = []
@@ -80,6 +80,8 @@ class Disk:
         self.lock = threading.RLock()
         self._idle = threading.Condition(self.lock)
         self._inflight = 0
+        self._draining = False
+        self.concurrent_reads = False     # set when nbdkit runs requests in parallel
         self._zcache: tuple[int, bytes] | None = None
         self.job: MirrorHooks | None = None
 
@@ -114,17 +116,12 @@ class Disk:
         """Fill mv with the guest view at offset (caller holds the lock)."""
         n = len(mv)
         g = self.map.g
-        entries = self.map.entries
         pos = 0
         while pos < n:
             slot, within = divmod(offset + pos, g)
-            e = entries[slot]
-            length = min(g - within, n - pos)
+            e, k = self.map.run(slot, -(-(within + n - pos) // g))
+            length = min(k * g - within, n - pos)
             if not e:
-                s = slot + 1
-                while pos + length < n and not entries[s]:
-                    length = min(length + g, n - pos)
-                    s += 1
                 mv[pos:pos + length] = bytes(length)
                 pos += length
                 continue
@@ -133,12 +130,6 @@ class Disk:
                 start = (e & SLOT_MASK) * g + within
                 mv[pos:pos + length] = self._decompressed(e)[start:start + length]
             else:
-                s = slot + 1
-                expect = e + g
-                while pos + length < n and entries[s] == expect:
-                    length = min(length + g, n - pos)
-                    s += 1
-                    expect += g
                 got = os.preadv(self._fds[layer], [mv[pos:pos + length]],
                                 (e & PAYLOAD_MASK) + within)
                 if got < length:          # data cluster cut short by the end of the file
@@ -155,23 +146,29 @@ class Disk:
         n = len(buf)
         slot, within = divmod(offset, self.map.g)
         if 0 <= offset and within + n <= self.map.g and offset + n <= self.size:
-            # Fast path, the common small random read: one slot of plain data,
-            # read outside the lock so that reads overlap in the page cache and
-            # on the device. _inflight keeps its descriptor open meanwhile.
+            # Fast path, the common small random read: one slot of plain data.
+            # With concurrent_reads (nbdkit's parallel thread model) the preadv
+            # runs outside the lock, counted in _inflight so that no descriptor
+            # is closed under it.
             fd = -1
             with self.lock:
-                e = self.map.entries[slot]
+                e = self.map.get(slot)
                 if e and not e & KIND_COMPRESSED and \
                         offset + n <= self.limits[(e >> LAYER_SHIFT) - 1]:
                     fd = self._fds[(e >> LAYER_SHIFT) - 1]
-                    self._inflight += 1
+                    if not self.concurrent_reads:
+                        if os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within) == n:
+                            return
+                        fd = -1
+                    else:
+                        self._inflight += 1
             if fd >= 0:
                 try:
                     got = os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within)
                 finally:
                     with self.lock:
                         self._inflight -= 1
-                        if not self._inflight:
+                        if self._draining:
                             self._idle.notify_all()
                 if got == n:
                     return
@@ -182,7 +179,12 @@ class Disk:
 
     def drain_reads(self, timeout: float = 30.0) -> None:
         """Wait (holding the lock) until no read runs outside it, before closing files."""
-        if not self._idle.wait_for(lambda: not self._inflight, timeout):
+        self._draining = True
+        try:
+            done = self._idle.wait_for(lambda: not self._inflight, timeout)
+        finally:
+            self._draining = False
+        if not done:
             raise RequestError(self.path, f"reads still in flight after {timeout} s")
 
     def read(self, length: int, offset: int) -> bytes:
@@ -193,20 +195,20 @@ class Disk:
     def extents(self, length: int, offset: int) -> list[tuple[int, int, int]]:
         """base:allocation extents covering [offset, offset + length)."""
         self._check(length, offset)
-        g = self.map.g
-        entries = self.map.entries
+        g, m = self.map.g, self.map
         out: list[tuple[int, int, int]] = []
         end = offset + length
+        last = -(-end // g)
         with self.lock:
             pos = offset
             while pos < end:
                 slot = pos // g
-                zero = not entries[slot]
-                s = slot + 1
-                while s * g < end and (not entries[s]) == zero:
-                    s += 1
-                stop = min(s * g, end)
-                out.append((pos, stop - pos, EXTENT_HOLE_ZERO if zero else EXTENT_DATA))
+                if m.get(slot):
+                    k, flags = m.data_run_length(slot, last - slot), EXTENT_DATA
+                else:
+                    k, flags = m.zero_run_length(slot, last - slot), EXTENT_HOLE_ZERO
+                stop = min((slot + k) * g, end)
+                out.append((pos, stop - pos, flags))
                 pos = stop
         return out
 

@@ -164,6 +164,8 @@ class Refcounts:
             return
         if block >= len(self.table):
             self._grow_table(block)
+            if self.table[block]:       # growing allocated this very block already
+                return
         c = self._find_free(1)
         self.table[block] = c * self.cs
         self.table_dirty = True
