@@ -2,6 +2,11 @@
 #
 #   nbdkit [-r] (-U SOCK | -p PORT -i 127.0.0.1) python plugin/vdisk_nbdkit.py image=TOP.qcow2
 #
+# or every disk of a datastore, each an export of its name, with the control
+# socket of docs/control.md:
+#
+#   nbdkit -U SOCK python plugin/vdisk_nbdkit.py datastore=DIR [control=CONTROL.sock]
+#
 # A thin adapter: every decision lives in the vdisk_block package beside this
 # file. Note that nbdkit requires a top-level `open`, which shadows the builtin
 # in this module.
@@ -17,15 +22,21 @@ import nbdkit
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vdisk_block import ImageError, open_disk  # noqa: E402
+from vdisk_block.control import ControlServer  # noqa: E402
 from vdisk_block.nbdkit_args import process_argv, readonly_from_argv  # noqa: E402
+from vdisk_block.service import DatastoreService  # noqa: E402
 
 API_VERSION = 2
 sys.tracebacklimit = 0       # errors reach the log as one line: "Type: image: reason"
 
 _config: dict[str, str] = {}
-_disk = None
+_disk = None                  # image= mode: the one disk
+_service = None               # datastore= mode: every disk of the datastore
+_control = None
 _KEYS = {
     "image": "path of the top image of the chain to serve",
+    "datastore": "serve every disk of this vdisk datastore, one export per disk",
+    "control": "with datastore=: path of the control socket to listen on",
     "threads": "thread model: serialize (default) or parallel",
 }
 _THREAD_MODELS = {
@@ -66,27 +77,75 @@ def config(key, value):
 
 
 def config_complete():
-    global _disk
-    if "image" not in _config:
-        raise ValueError("image=PATH is required")
-    _disk = open_disk(_config["image"], readonly=readonly_from_argv(process_argv()))
+    global _disk, _service
+    readonly = readonly_from_argv(process_argv())
+    if ("image" in _config) == ("datastore" in _config):
+        raise ValueError("give exactly one of image=PATH or datastore=DIR")
+    if "control" in _config and "datastore" not in _config:
+        raise ValueError("control= needs datastore=")
+    parallel = _config.get("threads") == "parallel"
+    if "image" in _config:
+        _disk = open_disk(_config["image"], readonly=readonly)
+        _disk.concurrent_reads = parallel
+    else:
+        _service = DatastoreService(_config["datastore"], readonly=readonly,
+                                    concurrent_reads=parallel)
+
+
+def after_fork():
+    # threads must start in the process that serves (nbdkit may have forked)
+    global _control
+    if _service is not None and "control" in _config:
+        _control = ControlServer(os.path.abspath(_config["control"]), _service)
+        _service.catalog.set_meta("control", _control.path)
+        _service.catalog.set_meta("server_pid", str(os.getpid()))
 
 
 def cleanup():
+    if _control is not None:
+        _control.close()
+        _service.catalog.set_meta("control", None)
+        _service.catalog.set_meta("server_pid", None)
+    if _service is not None:
+        _service.close()
     if _disk is not None:
         _disk.close()
 
 
+def list_exports(readonly, is_tls):
+    if _service is None:
+        return [""]
+    return [(r["name"], f"vdisk disk {r['name']}") for r in _service.catalog.disks()]
+
+
+def default_export(readonly, is_tls):
+    if _service is None:
+        return ""
+    disks = _service.catalog.disks()
+    return disks[0]["name"] if len(disks) == 1 else ""
+
+
+@_errors
+def _open_export(readonly):
+    if _service is None:
+        return _disk
+    name = nbdkit.export_name()
+    if not name:
+        raise ValueError("this server has several disks: ask for one by export name")
+    return _service.disk(name)
+
+
 def open(readonly):
-    return {"readonly": readonly or _disk.readonly}
+    disk = _open_export(readonly)
+    return {"disk": disk, "readonly": readonly or disk.readonly}
 
 
 def get_size(h):
-    return _disk.size
+    return h["disk"].size
 
 
 def block_size(h):
-    return (1, min(max(_disk.cluster_size, 4096), MAX_REQUEST), MAX_REQUEST)
+    return (1, min(max(h["disk"].cluster_size, 4096), MAX_REQUEST), MAX_REQUEST)
 
 
 def can_write(h):
@@ -128,30 +187,30 @@ def is_rotational(h):
 
 @_errors
 def pread(h, buf, offset, flags):
-    _disk.pread_into(buf, offset)
+    h["disk"].pread_into(buf, offset)
 
 
 @_errors
 def pwrite(h, buf, offset, flags):
-    _disk.write(buf, offset)
+    h["disk"].write(buf, offset)
 
 
 @_errors
 def zero(h, count, offset, flags):
-    _disk.zero(count, offset, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+    h["disk"].zero(count, offset, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
                fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
 
 
 @_errors
 def trim(h, count, offset, flags):
-    _disk.trim(count, offset)
+    h["disk"].trim(count, offset)
 
 
 @_errors
 def flush(h, flags):
-    _disk.flush()
+    h["disk"].flush()
 
 
 @_errors
 def extents(h, count, offset, flags):
-    return _disk.extents(count, offset)
+    return h["disk"].extents(count, offset)

@@ -8,4 +8,5 @@ from .chain import open_chain, open_disk
 from .disk import Disk
 from .errors import ImageError
 
-__all__ = ["Disk", "ImageError", "open_chain", "open_disk"]
+__version__ = "0.1.0"
+__all__ = ["Disk", "ImageError", "__version__", "open_chain", "open_disk"]

@@ -65,3 +65,28 @@ def open_disk(path: str, readonly: bool = False) -> Disk:
         for f in layers:
             f.close()
         raise
+
+
+def chain_paths(path: str) -> list[str]:
+    """Paths of the chain whose top is path, top first, read from the headers only.
+
+    Takes no locks and opens nothing for long: for looking at chains that
+    someone else (this process included) may be serving.
+    """
+    from . import header as hdr
+    out: list[str] = []
+    current: str | None = os.path.abspath(path)
+    while current is not None:
+        if current in out or len(out) >= MAX_DEPTH:
+            raise ChainError(out[-1], f"backing loop: {current} is already in the chain",
+                             errno=40)
+        out.append(current)
+        fd = os.open(current, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if os.pread(fd, 4, 0) != hdr.MAGIC:
+                break
+            h = hdr.parse_header(fd, current)
+        finally:
+            os.close(fd)
+        current = resolve_backing(current, h.backing_file) if h.backing_file else None
+    return out

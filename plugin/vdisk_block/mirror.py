@@ -79,7 +79,7 @@ def _disk_over(top: Qcow2File, lower: list) -> Disk:
 class MirrorJob:
     def __init__(self, disk: Disk, collapse: int = 1, *, new_path: str | None = None,
                  chunk: int = 1 << 20,
-                 on_change: Callable[[MirrorJob], None] | None = None) -> None:
+                 on_change: Callable[[MirrorJob, State], None] | None = None) -> None:
         if disk.top is None:
             raise RequestError(disk.path, "the disk is read-only")
         if not 1 <= collapse <= len(disk.layers) - (0 if new_path else 1):
@@ -98,7 +98,7 @@ class MirrorJob:
         self._cond = threading.Condition()
         self._t0 = time.monotonic()
         self._target: Disk | None = None
-        self._copy_set = bytearray()
+        self._copy_set: list[tuple[int, int]] = []
         self._thread: threading.Thread | None = None
 
     # -- start ----------------------------------------------------------------
@@ -111,32 +111,28 @@ class MirrorJob:
             self._copy_set = self._compute_copy_set()
             self._target = self._open_target()
             g = disk.map.g
-            marked = self._copy_set
-            bd = disk.map.backing_data
-            s = marked.find(1)
             count = 0
-            while s >= 0:
-                bd[s] = 1               # the target may now hold data under these slots
-                count += 1
-                s = marked.find(1, s + 1)
+            for first, end in self._copy_set:
+                disk.map.mark_backing(first, end)   # the target may now hold data there
+                count += end - first
             self.stats.copy_set_bytes = min(count * g, disk.size)
             disk.job = self
+        self._notify(State.COPYING)
         self._thread = threading.Thread(target=self._copy_pass, name="vdisk-mirror",
                                         daemon=True)
         self._thread.start()
-        self._notify()
         return self
 
-    def _compute_copy_set(self) -> bytearray:
-        """Slots that any collapsed layer allocates (data or zero) or hides."""
+    def _compute_copy_set(self) -> list[tuple[int, int]]:
+        """Slot ranges that any collapsed layer allocates (data or zero) or hides."""
         disk = self.disk
         m = disk.map
-        marked = bytearray(m.nslots)
+        ranges: list[tuple[int, int]] = []
         for p in range(self.collapse):
             f = disk.layers[p]
             assert isinstance(f, Qcow2File)
             if f.size < disk.size:      # a smaller layer hides what lies below it
-                marked[f.size // m.g:] = b"\1" * (m.nslots - f.size // m.g)
+                ranges.append((f.size // m.g, m.nslots))
             per = f.cluster_size // m.g
             assert disk.top is not None
             tables = disk.top.l2.items() if p == 0 else \
@@ -146,9 +142,14 @@ class MirrorJob:
                     if e & ~COPIED:
                         first = (l1_index * f.header.l2_entries + k) * per
                         if first < m.nslots:
-                            end = min(first + per, m.nslots)
-                            marked[first:end] = b"\1" * (end - first)
-        return marked
+                            ranges.append((first, min(first + per, m.nslots)))
+        merged: list[tuple[int, int]] = []
+        for first, end in sorted(ranges):
+            if merged and first <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((first, end))
+        return merged
 
     def _open_target(self) -> Disk:
         disk = self.disk
@@ -183,25 +184,22 @@ class MirrorJob:
         assert target is not None
         g = disk.map.g
         per_chunk = max(1, self.chunk // g)
-        marked = self._copy_set
-        a = marked.find(1)
         try:
-            while a >= 0:
-                b = marked.find(0, a, a + per_chunk)
-                b = min(a + per_chunk, len(marked)) if b < 0 else b
-                with disk.lock:
-                    if self.state is not State.COPYING:
-                        return
-                    off = a * g
-                    n = min(b * g, disk.size) - off
-                    if disk.map.is_zero(a, b - a):
-                        target.zero(n, off, may_trim=True)
-                    else:
-                        buf = bytearray(n)
-                        disk._read(memoryview(buf), off)
-                        target.write(buf, off)
-                    self.stats.bytes_copied += n
-                a = marked.find(1, b)
+            for first, end in self._copy_set:
+                for a in range(first, end, per_chunk):
+                    b = min(a + per_chunk, end)
+                    with disk.lock:
+                        if self.state is not State.COPYING:
+                            return
+                        off = a * g
+                        n = min(b * g, disk.size) - off
+                        if disk.map.is_zero(a, b - a):
+                            target.zero(n, off, may_trim=True)
+                        else:
+                            buf = bytearray(n)
+                            disk._read(memoryview(buf), off)
+                            target.write(buf, off)
+                        self.stats.bytes_copied += n
             with disk.lock:
                 if self.state is State.COPYING:
                     target.flush()
@@ -292,11 +290,11 @@ class MirrorJob:
         with self._cond:
             self.state = state
             self._cond.notify_all()
-        self._notify()
+        self._notify(state)
 
-    def _notify(self) -> None:
+    def _notify(self, state: State) -> None:
         if self.on_change is not None:
-            self.on_change(self)
+            self.on_change(self, state)
 
     def wait(self, states: tuple[State, ...], timeout: float) -> State:
         """Wait until the job reaches one of states (or an end state); bounded."""

@@ -74,7 +74,7 @@ def _writable_by_qemu(path: Path) -> bool:
 def test_copying_ready_pivoting_done_under_load(chain, tmp_path: Path) -> None:
     disk, guest = chain
     seen: list[State] = []
-    job = MirrorJob(disk, 1, chunk=64 * 1024, on_change=lambda j: seen.append(j.state)).start()
+    job = MirrorJob(disk, 1, chunk=64 * 1024, on_change=lambda j, st: seen.append(st)).start()
     while job.state is State.COPYING:
         guest.step()
     assert job.wait((State.READY,), 10) is State.READY

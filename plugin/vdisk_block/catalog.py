@@ -1,0 +1,223 @@
+"""A datastore's catalog: disks (name -> top image) and the job journal.
+
+One SQLite database, DIR/vdisk.db, in WAL mode with synchronous=FULL: every
+change of a disk's top is one transaction, durable when it returns. Image
+paths are stored relative to the datastore directory, so a datastore can move.
+Standard library only: the plugin (inside nbdkit) and the `vdisk` command
+both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .errors import ImageError
+
+DB_NAME = "vdisk.db"
+IMAGES = "images"
+FORMAT_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS disks (
+    name TEXT PRIMARY KEY,
+    top TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    disk TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    target TEXT,
+    new_image INTEGER NOT NULL DEFAULT 0,
+    collapse INTEGER,
+    top_before TEXT,
+    top_after TEXT,
+    dropped TEXT NOT NULL DEFAULT '[]',
+    stats TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    started REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+FINAL_STATES = ("done", "cancelled", "failed")
+
+
+class CatalogError(ImageError):
+    template = "{path}: {reason}"
+
+
+class Catalog:
+    def __init__(self, directory: str) -> None:
+        self.dir = os.path.abspath(directory)
+        db = os.path.join(self.dir, DB_NAME)
+        if not os.path.exists(db):
+            raise CatalogError(self.dir, "not a vdisk datastore (no vdisk.db); "
+                               "create one with 'vdisk datastore init'")
+        self._db = self._connect(db)
+        self._lock = threading.RLock()     # one connection, shared by the service's threads
+
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    @classmethod
+    def init(cls, directory: str) -> Catalog:
+        os.makedirs(os.path.join(directory, IMAGES), exist_ok=True)
+        db = cls._connect(os.path.join(directory, DB_NAME))
+        with db:
+            db.executescript(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT_VERSION,))
+        db.close()
+        return cls(directory)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- paths --------------------------------------------------------------------
+
+    def abspath(self, rel: str) -> str:
+        return os.path.join(self.dir, rel)
+
+    def relpath(self, path: str) -> str:
+        rel = os.path.relpath(os.path.abspath(path), self.dir)
+        if rel.startswith(".."):
+            raise CatalogError(path, f"is outside the datastore {self.dir}")
+        return rel
+
+    def new_image_path(self, disk: str) -> str:
+        """A fresh image name for a disk, relative to the datastore."""
+        base = os.path.join(IMAGES, f"{disk}-{time.strftime('%Y%m%dT%H%M%S')}")
+        n = 0
+        while os.path.exists(self.abspath(f"{base}-{n}.qcow2")):
+            n += 1
+        return f"{base}-{n}.qcow2"
+
+    # -- meta -----------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.transaction() as db:
+            if value is None:
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- disks ------------------------------------------------------------------------
+
+    def disks(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._db.execute("SELECT * FROM disks ORDER BY name")]
+
+    def disk(self, name: str) -> dict[str, Any]:
+        row = self._db.execute("SELECT * FROM disks WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise CatalogError(self.dir, f"disk {name!r} does not exist")
+        return dict(row)
+
+    def add_disk(self, name: str, top: str) -> None:
+        if not name or "/" in name or name.startswith(".") or len(name) > 200:
+            raise CatalogError(self.dir, f"invalid disk name {name!r}")
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT INTO disks VALUES (?, ?, ?)", (name, top, time.time()))
+        except sqlite3.IntegrityError:
+            raise CatalogError(self.dir, f"disk {name!r} already exists") from None
+
+    def set_top(self, name: str, top: str, job: int | None = None, **job_fields: Any) -> None:
+        """Switch a disk to a new top (and update its job) in one durable step."""
+        with self.transaction() as db:
+            if db.execute("UPDATE disks SET top = ? WHERE name = ?", (top, name)).rowcount != 1:
+                raise CatalogError(self.dir, f"disk {name!r} does not exist")
+            if job is not None:
+                self._update_job(db, job, job_fields)
+
+    def remove_disk(self, name: str) -> None:
+        with self.transaction() as db:
+            if db.execute("DELETE FROM disks WHERE name = ?", (name,)).rowcount != 1:
+                raise CatalogError(self.dir, f"disk {name!r} does not exist")
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def add_job(self, disk: str, kind: str, **fields: Any) -> int:
+        now = time.time()
+        fields = {"state": "copying", **fields}
+        with self.transaction() as db:
+            cols = ["disk", "kind", "started", "updated", *fields]
+            values = [disk, kind, now, now, *(self._encode(k, v) for k, v in fields.items())]
+            cur = db.execute(f"INSERT INTO jobs ({', '.join(cols)}) VALUES "
+                             f"({', '.join('?' * len(cols))})", values)
+            return int(cur.lastrowid or 0)
+
+    def update_job(self, job: int, **fields: Any) -> None:
+        with self.transaction() as db:
+            self._update_job(db, job, fields)
+
+    def _update_job(self, db: sqlite3.Connection, job: int, fields: dict[str, Any]) -> None:
+        fields = {**fields, "updated": time.time()}
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE jobs SET {sets} WHERE id = ?",
+                   [*(self._encode(k, v) for k, v in fields.items()), job])
+
+    @staticmethod
+    def _encode(key: str, value: Any) -> Any:
+        return json.dumps(value) if key in ("dropped", "stats") else value
+
+    def jobs(self, disk: str | None = None, job: int | None = None) -> list[dict[str, Any]]:
+        query, args = "SELECT * FROM jobs", []
+        conds = []
+        if disk is not None:
+            conds.append("disk = ?")
+            args.append(disk)
+        if job is not None:
+            conds.append("id = ?")
+            args.append(job)
+        if conds:
+            query += " WHERE " + " AND ".join(conds)
+        rows = self._db.execute(query + " ORDER BY id DESC", args)
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["dropped"] = json.loads(d["dropped"])
+            d.update(json.loads(d.pop("stats")))
+            d["new_image"] = bool(d["new_image"])
+            out.append(d)
+        return out
+
+    def job(self, job: int) -> dict[str, Any]:
+        rows = self.jobs(job=job)
+        if not rows:
+            raise CatalogError(self.dir, f"job {job} does not exist")
+        return rows[0]
+
+    def active_job(self, disk: str) -> dict[str, Any] | None:
+        for j in self.jobs(disk=disk):
+            if j["state"] not in FINAL_STATES:
+                return j
+        return None
