@@ -21,7 +21,6 @@ Exit code 0 on success; otherwise 1 with a one-line reason on stderr.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import socket
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from . import attach, guest, qemu_img, qemu_io, records
 from .accel import detect_accel
+from .demo import file_sha256 as sha256_file
 from .errors import Error
 from .machine import Machine
 from .nbdkit import NbdkitServer
@@ -41,14 +41,6 @@ BOOT_TIMEOUT = 180.0
 
 class DemoFailure(Exception):
     """A check failed; the message is the one-line reason."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def free_tcp_port() -> int:

@@ -17,12 +17,11 @@ import json
 import logging
 import os
 import re
-import shlex
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import process
 from .errors import CommandError
 
 log = logging.getLogger(__name__)
@@ -88,24 +87,7 @@ def build(outdir: str | os.PathLike[str] | None = None, *, timeout: float = 900.
     """Run ``vm-images/build OUTDIR`` (near-instant when cached) and load the result."""
     outdir = Path(outdir) if outdir is not None else default_outdir()
     cmd = [str(BUILDER), str(outdir)]
-    log.debug("Running %s", shlex.join(cmd))
-    try:
-        cp = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise GuestBuildError(cmd, None, f"timed out after {timeout:g} s") from e
-    except OSError as e:
-        raise GuestBuildError(cmd, None, f"cannot run {cmd[0]}: {e}") from e
-    if cp.returncode != 0:
-        log.warning("Guest build failed: %s", cp.stderr)
-        raise GuestBuildError(cmd, cp.returncode, cp.stderr, cp.stdout)
+    cp = process.run(cmd, GuestBuildError, log=log, timeout=timeout)
     log.debug("Guest build: %s", cp.stderr.strip())
     return GuestImage.load(outdir)
 

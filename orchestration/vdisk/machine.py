@@ -32,8 +32,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
+from . import process
 from .accel import detect_accel
 from .errors import Error
 from .qmp import QmpClient, QmpError
@@ -105,7 +105,7 @@ def _die_with_parent_prefix() -> list[str]:
 # --- the machine -------------------------------------------------------------------
 
 
-class Machine:
+class Machine(process.ProcessOwner):
     """A QEMU process with its serial console and QMP on socket pairs.
 
     ``args`` are extra QEMU options (disks: see :mod:`vdisk.attach`);
@@ -132,6 +132,7 @@ class Machine:
         self.accel = accel or detect_accel().name
         self.console_log = self.workdir / f"{name}.console.log"
         self.stderr_log = self.workdir / f"{name}.stderr.log"
+        super().__init__(self.stderr_log)
         self.start_timeout = start_timeout
         self._fw_cfg = dict(fw_cfg or {})
         self._base_cmd = [binary(), "-name", name, "-nodefaults", "-no-user-config"]
@@ -145,7 +146,6 @@ class Machine:
             self._base_cmd.append("-S")
         self._args = list(args)
         self.cmd: list[str] = []
-        self._proc: subprocess.Popen[bytes] | None = None
         self._console: socket.socket | None = None
         self._qmp: QmpClient | None = None
         self._reader: threading.Thread | None = None
@@ -158,14 +158,6 @@ class Machine:
         return f"<Machine {self.name} pid={self.pid} accel={self.accel}>"
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def returncode(self) -> int | None:
-        return self._proc.poll() if self._proc is not None else None
-
-    @property
     def qmp(self) -> QmpClient:
         if self._qmp is None:
             raise RuntimeError(f"{self!r} is not running")
@@ -174,8 +166,7 @@ class Machine:
     # --- start and stop ------------------------------------------------------------
 
     def start(self) -> None:
-        if self._proc is not None:
-            raise RuntimeError(f"{self!r} was already started")
+        self._require_not_started()
         self.workdir.mkdir(parents=True, exist_ok=True)
         fw_cfg_args: list[str] = []
         for i, (fw_name, text) in enumerate(sorted(self._fw_cfg.items())):
@@ -247,15 +238,14 @@ class Machine:
                 self._qmp.execute("quit", timeout=timeout)
             except QmpError:
                 pass  # QEMU may close the connection before it answers
-        for stop in (None, proc.terminate, proc.kill):
-            if stop is not None and proc.poll() is None:
-                log.warning("QEMU pid %d still running; sending %s", proc.pid, stop.__name__)
-                stop()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("QEMU pid %d still running %g s after quit; stopping it", proc.pid, timeout)
             try:
-                proc.wait(timeout)
-                break
+                process.stop(proc, timeout, log=log, name="QEMU")
             except subprocess.TimeoutExpired:
-                continue
+                log.warning("QEMU pid %d survived SIGKILL for %g s", proc.pid, timeout)
         self._close_sockets()
         self._join_reader(timeout=5.0)
         return proc.poll()
@@ -267,11 +257,6 @@ class Machine:
         proc.wait(10.0)
         self._close_sockets()
         self._join_reader(timeout=5.0)
-
-    def _require_proc(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            raise RuntimeError(f"{self!r} was not started")
-        return self._proc
 
     def _close_sockets(self) -> None:
         if self._qmp is not None:
@@ -288,23 +273,8 @@ class Machine:
         if self._console is not None and (self._reader is None or not self._reader.is_alive()):
             self._console.close()
 
-    def __enter__(self) -> Machine:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _stop_on_exit(self) -> None:
         self.shutdown()
-
-    def stderr_text(self) -> str:
-        try:
-            return self.stderr_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     # --- serial console --------------------------------------------------------------
 

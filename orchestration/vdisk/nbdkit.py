@@ -28,9 +28,9 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
+from . import process
 from .errors import AddressInUse, NbdkitError, NbdkitTimeout, SocketPathTooLong
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _file_identity(path: Path) -> tuple[int, int, int]:
     return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
-class NbdkitServer:
+class NbdkitServer(process.ProcessOwner):
     """An nbdkit process serving ``plugin`` (default: the vdisk plugin).
 
     ``plugin_args`` are the plugin's ``key=value`` parameters; ``plugin``
@@ -137,6 +137,7 @@ class NbdkitServer:
         self.tcp_port = tcp_port
         self.start_timeout = start_timeout
         self.log_path = self.workdir / f"{name}.log"
+        super().__init__(self.log_path)
         self.socket: Path | None
         listen: list[str]
         if tcp_port is None:
@@ -157,28 +158,11 @@ class NbdkitServer:
         if exit_with_parent and "--exit-with-parent" not in extra_args:
             self.cmd.append("--exit-with-parent")
         self.cmd += [*extra_args, *plugin, *plugin_args]
-        self._proc: subprocess.Popen[bytes] | None = None
         self._killed = False
         self._socket_identity: tuple[int, int, int] | None = None
 
     def __repr__(self) -> str:
         return f"<NbdkitServer {self.address} pid={self.pid} {shlex.join(self.cmd)!r}>"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def returncode(self) -> int | None:
-        """nbdkit's exit code once it has exited (negative: killed by that signal)."""
-        return self._proc.poll() if self._proc is not None else None
-
-    def stderr_text(self) -> str:
-        """Everything nbdkit wrote to stderr (and stdout) so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def _probe_address(self) -> str | tuple[str, int]:
         if self.socket is not None:
@@ -206,8 +190,7 @@ class NbdkitServer:
 
     def start(self) -> None:
         """Start nbdkit and wait until it accepts connections."""
-        if self._proc is not None:
-            raise RuntimeError(f"{self!r} was already started")
+        self._require_not_started()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._prepare_address()
         log.debug("Running %s", shlex.join(self.cmd))
@@ -222,7 +205,7 @@ class NbdkitServer:
         try:
             self._wait_until_serving()
         except BaseException:
-            self._terminate()
+            process.stop(self._proc, 10.0, log=log, name="nbdkit")
             raise
         if self.socket is not None:
             self._socket_identity = _file_identity(self.socket)
@@ -250,18 +233,6 @@ class NbdkitServer:
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.1)
 
-    def _terminate(self, timeout: float = 10.0) -> None:
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("nbdkit pid %d ignored SIGTERM for %g s; killing it", proc.pid, timeout)
-            proc.kill()
-            proc.wait(timeout)
-
     def stop(self, timeout: float = 10.0) -> int | None:
         """Stop nbdkit (SIGTERM, wait, SIGKILL) and remove its socket; return its exit code.
 
@@ -269,7 +240,7 @@ class NbdkitServer:
         """
         if self._proc is None:
             return None
-        self._terminate(timeout)
+        process.stop(self._proc, timeout, log=log, name="nbdkit")
         if not self._killed and self._proc.returncode not in (0, -signal.SIGTERM):
             log.warning(
                 "nbdkit pid %d exited with code %s: %s",
@@ -293,21 +264,11 @@ class NbdkitServer:
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL nbdkit, as a crash would, and reap it. The socket file stays behind."""
-        if self._proc is None:
-            raise RuntimeError(f"{self!r} was not started")
-        log.debug("Killing nbdkit pid %d", self._proc.pid)
+        proc = self._require_proc()
+        log.debug("Killing nbdkit pid %d", proc.pid)
         self._killed = True
-        self._proc.kill()  # does nothing if it has already exited
-        self._proc.wait(timeout)
+        proc.kill()  # does nothing if it has already exited
+        proc.wait(timeout)
 
-    def __enter__(self) -> NbdkitServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _stop_on_exit(self) -> None:
         self.stop()

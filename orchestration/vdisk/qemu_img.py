@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import subprocess
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import process
 from .errors import ContentMismatch, ImageCorrupted, QemuImgError
 
 log = logging.getLogger(__name__)
@@ -35,32 +35,22 @@ def binary() -> str:
     return os.environ.get("QEMU_IMG", "qemu-img")
 
 
+def _command(args: Sequence[StrPath]) -> list[str]:
+    return [binary(), *(os.fspath(a) for a in args)]
+
+
+def _json_args(args: Sequence[StrPath]) -> list[StrPath]:
+    """``SUBCOMMAND --output=json ARGS...`` from ``SUBCOMMAND ARGS...``."""
+    return [args[0], "--output=json", *args[1:]]
+
+
 def run(
     args: Sequence[StrPath],
     *,
     ok_codes: Collection[int] = (0,),
 ) -> subprocess.CompletedProcess[str]:
     """Run ``qemu-img *args``; raise QemuImgError unless the exit code is in ok_codes."""
-    cmd = [binary(), *(os.fspath(a) for a in args)]
-    log.debug("Running %s", shlex.join(cmd))
-    try:
-        cp = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            check=False,
-        )
-    except OSError as e:
-        log.warning("Cannot run %s: %s", cmd[0], e)
-        raise QemuImgError(cmd, None, f"cannot run {cmd[0]}: {e}") from e
-    if cp.returncode not in ok_codes:
-        log.warning(
-            "Command %s failed with exit code %d: %s", shlex.join(cmd), cp.returncode, cp.stderr
-        )
-        raise QemuImgError(cmd, cp.returncode, cp.stderr, cp.stdout)
-    return cp
+    return process.run(_command(args), QemuImgError, log=log, ok_codes=ok_codes)
 
 
 def qemu_img_json(
@@ -72,15 +62,13 @@ def qemu_img_json(
 
     ``args[0]`` is the subcommand. Fails loudly (QemuImgError) unless JSON came back.
     """
-    full = [args[0], "--output=json", *args[1:]]
+    full = _json_args(args)
     cp = run(full, ok_codes=ok_codes)
     try:
         return json.loads(cp.stdout)
     except json.JSONDecodeError as e:
-        cmd = [binary(), *(os.fspath(a) for a in full)]
-        raise QemuImgError(
-            cmd, cp.returncode, f"expected JSON output ({e}); stderr: {cp.stderr}", cp.stdout
-        ) from e
+        stderr = f"expected JSON output ({e}); stderr: {cp.stderr}"
+        raise QemuImgError(_command(full), cp.returncode, stderr, cp.stdout) from e
 
 
 def _format_options(options: Mapping[str, OptionValue]) -> str:
@@ -207,7 +195,7 @@ def check_clean(
     result = check(path, fmt=fmt)
     if result["corruptions"] or (result["leaks"] and not allow_leaks):
         args = _check_args(path, fmt=fmt, repair=None, force_share=False)
-        cmd = [binary(), args[0], "--output=json", *(os.fspath(a) for a in args[1:])]
+        cmd = _command(_json_args(args))
         returncode = 2 if result["corruptions"] else 3
         raise ImageCorrupted(cmd, returncode, "", json.dumps(result), path=path, result=result)
     return result
@@ -240,9 +228,8 @@ def compare(
     args += [a, b]
     cp = run(args, ok_codes=(0, 1))
     if cp.returncode == 1:
-        cmd = [binary(), *(os.fspath(x) for x in args)]
         log.debug("Images differ: %s", cp.stdout.strip())
-        raise ContentMismatch(cmd, cp.returncode, cp.stderr, cp.stdout)
+        raise ContentMismatch(_command(args), cp.returncode, cp.stderr, cp.stdout)
 
 
 def convert(

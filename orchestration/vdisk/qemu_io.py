@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
-import subprocess
 
+from . import process
 from .errors import QemuIoError
 
 log = logging.getLogger(__name__)
@@ -55,26 +54,4 @@ def run(
     for command in commands:
         cmd += ["-c", command]
     cmd.append(os.fspath(path))
-    log.debug("Running %s", shlex.join(cmd))
-    try:
-        cp = subprocess.run(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            check=False,
-        )
-    except OSError as e:
-        log.warning("Cannot run %s: %s", cmd[0], e)
-        raise QemuIoError(cmd, None, f"cannot run {cmd[0]}: {e}") from e
-    if cp.returncode != 0:
-        log.warning(
-            "Command %s failed with exit code %d: stderr: %s stdout: %s",
-            shlex.join(cmd),
-            cp.returncode,
-            cp.stderr,
-            cp.stdout,
-        )
-        raise QemuIoError(cmd, cp.returncode, cp.stderr, cp.stdout)
-    return cp.stdout
+    return process.run(cmd, QemuIoError, log=log, log_stdout=True).stdout
