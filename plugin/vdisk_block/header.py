@@ -103,8 +103,10 @@ def read_exact(fd: int, length: int, offset: int, path: str, what: str) -> bytes
 def parse_header(fd: int, path: str) -> Header:
     """Read and validate the header and its extensions; refuse what we cannot serve."""
     raw = os.pread(fd, 4096, 0)
-    if len(raw) < V2_HEADER_LENGTH or raw[:4] != MAGIC:
+    if raw[:4] != MAGIC:
         raise MalformedImage(path, "not a qcow2 image (bad magic)")
+    if len(raw) < V2_HEADER_LENGTH:
+        raise MalformedImage(path, f"truncated header ({len(raw)} bytes)")
     f = _V2.unpack_from(raw)
     h = Header(*f[1:])
     if h.version not in (2, 3):

@@ -85,6 +85,7 @@ class Refcounts:
         self.table = table.tolist()
         nclusters = -(-file_size // self.cs)
         self.counts = array("Q", bytes(8 * nclusters))
+        self.used = bytearray(nclusters)      # the file may run past its refcount blocks
         for b, off in enumerate(self.table):
             if not off:
                 continue
