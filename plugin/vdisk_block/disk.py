@@ -257,14 +257,16 @@ class Disk:
             run += 1
         count = run - c
         gstart, gend = c * cs, min(run * cs, self.size)
-        buf = bytearray(count * cs)
-        bv = memoryview(buf)
         lo, hi = max(offset, gstart), min(offset + len(mv), gend)
-        if lo > gstart:
-            self._read(bv[:lo - gstart], gstart)
-        if hi < gend:
-            self._read(bv[hi - gstart:gend - gstart], hi)
-        bv[lo - gstart:hi - gstart] = mv[lo - offset:hi - offset]
+        if lo == gstart and hi == gend:     # whole clusters: nothing to copy on write
+            bv = mv[lo - offset:hi - offset]
+        else:
+            bv = memoryview(bytearray(count * cs))
+            if lo > gstart:
+                self._read(bv[:lo - gstart], gstart)
+            if hi < gend:
+                self._read(bv[hi - gstart:gend - gstart], hi)
+            bv[lo - gstart:hi - gstart] = mv[lo - offset:hi - offset]
         host = top.refcounts.allocate(count)
         try:
             self._pwrite(top, bv, host)
