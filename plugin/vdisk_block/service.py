@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__
+from . import header as hdr
 from .catalog import FINAL_STATES, Catalog, CatalogError
 from .chain import chain_paths, open_disk
 from .chainops import snapshot
@@ -102,7 +103,8 @@ class DatastoreService:
             job = self.catalog.active_job(r["name"])
             out.append({"name": r["name"], "top": r["top"],
                         "chain": [self.catalog.relpath(p) for p in self._chain(r["name"])],
-                        "size": d.size if d else None, "open": d is not None,
+                        "size": d.size if d else self._virtual_size(r["top"]),
+                        "open": d is not None,
                         "job": self._job_info(job) if job else None})
         return {"disks": out}
 
@@ -262,6 +264,13 @@ class DatastoreService:
 
     # -- helpers --------------------------------------------------------------------
 
+    def _virtual_size(self, top: str) -> int:
+        fd = os.open(self.catalog.abspath(top), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return hdr.parse_header(fd, top).size
+        finally:
+            os.close(fd)
+
     def _live(self, id: int) -> tuple[MirrorJob, dict[str, Any]]:  # noqa: A002
         row = self.catalog.job(id)
         job = self.jobs.get(id)
@@ -276,7 +285,8 @@ class DatastoreService:
         info.pop("collapse", None)
         if job is not None and row["state"] not in FINAL_STATES:
             info.update(_stats(job))
-            info["state"] = job.state.value
+            # done only once the journal says so: the dropped images are gone then
+            info["state"] = "pivoting" if job.state is State.DONE else job.state.value
             info["error"] = job.error
         return info
 

@@ -1,0 +1,151 @@
+"""What every ``vdisk`` subcommand shares: parsing, output, errors, the service.
+
+Output rule: human text on stdout by default; with ``--json`` exactly one
+JSON object on stdout and nothing else there. Errors are one line on stderr
+(``vdisk: error: REASON``), raised anywhere as :class:`CliError` or as the
+errors of the modules the commands use, and turned into the line and the
+exit code by :func:`vdisk.cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from .control import Service, open_service
+from .errors import Error
+
+EXIT_USAGE = 2
+
+
+class CliError(Error):
+    """A command cannot do what it was asked; ``reason`` is the one-line message."""
+
+    msg = "{self.reason}"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UsageError(Exception):
+    """Bad command line: exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``vdisk: error: ...``, exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# --- argument types ------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text: str) -> int:
+    """'10G' -> 10 GiB, '512M', '4096', '1.5G' (binary units; a multiple of 512 bytes)."""
+    m = _SIZE.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 10G, 512M, 65536)")
+    number, unit = m.group(1), m.group(2).lower()
+    size = int(float(number) * (1 << _SHIFT[unit])) if "." in number \
+        else int(number) << _SHIFT[unit]
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
+    if size % 512:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a multiple of 512 bytes")
+    return size
+
+
+def job_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid job id {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid job id {text!r}")
+    return value
+
+
+# --- parent parsers --------------------------------------------------------------------
+
+
+def output_options() -> Parser:
+    p = Parser(add_help=False)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return p
+
+
+def datastore_options() -> Parser:
+    p = Parser(add_help=False)
+    p.add_argument("-d", "--datastore", metavar="DIR", required=True,
+                   help="the datastore directory")
+    return p
+
+
+def control_options() -> Parser:
+    p = Parser(add_help=False)
+    p.add_argument("--control", metavar="SOCK",
+                   help="the control socket of the server (default: the one the "
+                        "datastore records while it is served)")
+    return p
+
+
+# --- output ------------------------------------------------------------------------------
+
+
+def emit(args: argparse.Namespace, obj: dict[str, Any], text: str | None = None) -> None:
+    """Print ``obj`` as JSON with --json, else the human text (if any)."""
+    if args.json:
+        sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    elif text:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+    sys.stdout.flush()
+
+
+def one_line(text: str) -> str:
+    return " / ".join(p.strip() for p in str(text).strip().splitlines() if p.strip()) \
+        or "unknown error"
+
+
+# --- the datastore's service ----------------------------------------------------------------
+
+
+def datastore_dir(args: argparse.Namespace) -> str:
+    directory = os.path.abspath(args.datastore)
+    if not os.path.isdir(directory):
+        raise CliError(f"{args.datastore}: no such datastore directory")
+    return directory
+
+
+@contextmanager
+def service(args: argparse.Namespace) -> Iterator[Service]:
+    """The datastore's service (served or in-process), closed on exit."""
+    svc = open_service(datastore_dir(args), getattr(args, "control", None))
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+def image_arg(directory: str, value: str) -> str:
+    """An image path from the command line, for the service.
+
+    Absolute paths pass as they are; a relative path is taken relative to the
+    datastore when an image of that name exists there (as ``vdisk disk info``
+    prints them), else relative to the current directory.
+    """
+    if os.path.isabs(value):
+        return value
+    if os.path.exists(os.path.join(directory, value)):
+        return value
+    return os.path.abspath(value)

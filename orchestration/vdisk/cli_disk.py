@@ -1,0 +1,302 @@
+"""``vdisk datastore init`` and ``vdisk disk create|import|list|info|remove``.
+
+Creating and importing work on the files: every image is written under a
+temporary name in the datastore's ``images/`` and renamed when complete, and
+the catalog learns the disk last, so an interrupted command leaves no disk
+behind (at most a hidden ``.*.tmp`` file). Listing, showing and removing go
+through the datastore's service, so they see what a server sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+# blockpath makes vdisk_block (the block engine beside the plugin) importable
+from . import blockpath, qemu_img  # noqa: F401
+from .cli_common import (
+    CliError,
+    control_options,
+    datastore_dir,
+    datastore_options,
+    emit,
+    output_options,
+    parse_size,
+    service,
+)
+from .control import is_served
+from .progress import human_bytes
+
+
+def add_parsers(sub: Any) -> None:
+    out, ds, ctl = output_options(), datastore_options(), control_options()
+
+    p = sub.add_parser("datastore", help="create a datastore")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = dsub.add_parser("init", parents=[out], help="make DIR a datastore (idempotent)")
+    p.add_argument("directory", metavar="DIR")
+    p.set_defaults(func=cmd_datastore_init)
+
+    p = sub.add_parser("disk", help="create, import, list, show and remove disks")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    p = dsub.add_parser("create", parents=[out, ds], help="create an empty disk")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", required=True, type=parse_size, help="virtual size: 10G, 512M...")
+    p.set_defaults(func=cmd_disk_create)
+
+    p = dsub.add_parser("import", parents=[out, ds],
+                        help="copy an image (and its backing chain) in as a disk")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("file", metavar="FILE", help="any image qemu-img reads")
+    p.add_argument("--flatten", action="store_true",
+                   help="copy the whole chain into one image instead of keeping its layers")
+    p.set_defaults(func=cmd_disk_import)
+
+    p = dsub.add_parser("list", parents=[out, ds, ctl], help="list the disks")
+    p.set_defaults(func=cmd_disk_list)
+
+    p = dsub.add_parser("info", parents=[out, ds, ctl], help="show a disk, its chain and job")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_disk_info)
+
+    p = dsub.add_parser("remove", parents=[out, ds, ctl],
+                        help="remove a disk and the images no other disk uses")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--keep-images", action="store_true",
+                   help="only forget the disk; leave its images in place")
+    p.set_defaults(func=cmd_disk_remove)
+
+
+@contextmanager
+def catalog(args: argparse.Namespace) -> Iterator[Any]:
+    from vdisk_block.catalog import Catalog
+
+    c = Catalog(datastore_dir(args))
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def check_new_disk(c: Any, name: str) -> None:
+    """Refuse early what Catalog.add_disk would refuse after the copy."""
+    if not name or "/" in name or name.startswith(".") or len(name) > 200:
+        raise CliError(f"invalid disk name {name!r}")
+    if any(row["name"] == name for row in c.disks()):
+        raise CliError(f"disk {name!r} already exists")
+
+
+def temp_name(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+
+
+def _unlink(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+# --- datastore init ----------------------------------------------------------------
+
+
+def cmd_datastore_init(args: argparse.Namespace) -> int:
+    from vdisk_block.catalog import DB_NAME, Catalog
+
+    directory = os.path.abspath(args.directory)
+    existed = os.path.exists(os.path.join(directory, DB_NAME))
+    Catalog.init(directory).close()
+    verb = "already a datastore" if existed else "initialized datastore"
+    emit(args, {"datastore": directory, "created": not existed}, f"{verb} {directory}")
+    return 0
+
+
+# --- disk create / import ------------------------------------------------------------
+
+
+def cmd_disk_create(args: argparse.Namespace) -> int:
+    with catalog(args) as c:
+        check_new_disk(c, args.name)
+        rel = c.new_image_path(args.name)
+        path = c.abspath(rel)
+        tmp = temp_name(path)
+        try:
+            qemu_img.create(tmp, "qcow2", args.size)
+            os.rename(tmp, path)
+        except BaseException:
+            _unlink([tmp])
+            raise
+        try:
+            c.add_disk(args.name, rel)
+        except BaseException:
+            _unlink([path])
+            raise
+    emit(args, {"disk": args.name, "top": rel, "size": args.size},
+         f"created disk {args.name} ({human_bytes(args.size)}): {rel}")
+    return 0
+
+
+def _layer_names(c: Any, name: str, count: int) -> list[str]:
+    """``count`` fresh image names for a disk (relative to the datastore), base last."""
+    first = c.new_image_path(name)              # images/NAME-STAMP-N.qcow2
+    stem, n = first[: -len(".qcow2")].rsplit("-", 1)
+    names, k = [], int(n)
+    while len(names) < count:
+        candidate = f"{stem}-{k}.qcow2"
+        if not os.path.exists(c.abspath(candidate)):
+            names.append(candidate)
+        k += 1
+    return names
+
+
+def cmd_disk_import(args: argparse.Namespace) -> int:
+    source = os.path.abspath(args.file)
+    if not os.path.exists(source):
+        raise CliError(f"{args.file}: no such file")
+    chain = qemu_img.info(source, backing_chain=True, force_share=True)
+    with catalog(args) as c:
+        check_new_disk(c, args.name)
+        count = 1 if args.flatten else len(chain)
+        finals = [c.abspath(n) for n in _layer_names(c, args.name, count)]
+        temps = [temp_name(p) for p in finals]
+        try:
+            if args.flatten:
+                qemu_img.run(["convert", "-q", "-U", "-f", chain[0]["format"], "-O", "qcow2",
+                              source, temps[0]])
+            else:
+                _copy_layers(chain, temps, finals)
+            for i in reversed(range(count)):        # base first: a renamed image's
+                os.rename(temps[i], finals[i])      # backing file is always in place
+        except BaseException:
+            _unlink(temps)
+            _unlink(finals)
+            raise
+        top = c.relpath(finals[0])
+        try:
+            c.add_disk(args.name, top)
+        except BaseException:
+            _unlink(finals)
+            raise
+    size = int(chain[0]["virtual-size"])
+    images = [c.relpath(p) for p in finals]
+    emit(args, {"disk": args.name, "top": top, "chain": images, "size": size,
+                "source": source, "flattened": bool(args.flatten)},
+         f"imported {args.file} as disk {args.name} ({human_bytes(size)}, "
+         f"{len(images)} image{'s' if len(images) != 1 else ''}): {top}")
+    return 0
+
+
+def _copy_layers(chain: list[dict[str, Any]], temps: list[str], finals: list[str]) -> None:
+    """Copy each layer base first, keeping only its own clusters; link to the copies.
+
+    ``qemu-img convert -B PARENT`` writes only what the source layer itself
+    allocates; the copy names its parent's temporary file until ``rebase -u``
+    points it at the parent's final name (relative, in the same directory).
+    """
+    for i in reversed(range(len(chain))):
+        layer = chain[i]
+        cmd = ["convert", "-q", "-U", "-f", layer["format"], "-O", "qcow2"]
+        if i + 1 < len(chain):
+            cmd += ["-B", temps[i + 1], "-F", "qcow2"]
+        qemu_img.run([*cmd, layer["filename"], temps[i]])
+    for i in range(len(chain) - 1):
+        qemu_img.run(["rebase", "-q", "-u", "-f", "qcow2", "-b", os.path.basename(finals[i + 1]),
+                      "-F", "qcow2", temps[i]])
+
+
+# --- disk list / info ---------------------------------------------------------------------
+
+
+def _disk_size(directory: str, disk: dict[str, Any]) -> int:
+    if disk.get("size") is not None:
+        return int(disk["size"])
+    return int(qemu_img.info(os.path.join(directory, disk["top"]), force_share=True)
+               ["virtual-size"])
+
+
+def cmd_disk_list(args: argparse.Namespace) -> int:
+    directory = datastore_dir(args)
+    with service(args) as svc:
+        served = is_served(svc)
+        disks = svc.execute("query-disks", {})["disks"]
+    for d in disks:
+        d["size"] = _disk_size(directory, d)
+    lines = [f"{'NAME':20} {'SIZE':>10} {'IMAGES':>6}  {'JOB':12} TOP"]
+    for d in disks:
+        job = d.get("job")
+        job_text = f"{job['id']}:{job['state']}" if job else "-"
+        lines.append(f"{d['name']:20} {human_bytes(d['size']):>10} {len(d['chain']):>6}  "
+                     f"{job_text:12} {d['top']}")
+    if not disks:
+        lines = ["no disks"]
+    emit(args, {"datastore": directory, "served": served, "disks": disks}, "\n".join(lines))
+    return 0
+
+
+def cmd_disk_info(args: argparse.Namespace) -> int:
+    directory = datastore_dir(args)
+    with service(args) as svc:
+        served = is_served(svc)
+        disk = svc.execute("query-disks", {"disk": args.name})["disks"][0]
+    infos = qemu_img.info(os.path.join(directory, disk["top"]), backing_chain=True,
+                          force_share=True)
+    chain = []
+    for info in infos:
+        path = os.path.realpath(info["filename"])
+        rel = os.path.relpath(path, directory)
+        chain.append({"image": rel, "format": info["format"],
+                      "virtual_size": int(info["virtual-size"]),
+                      "actual_size": int(info.get("actual-size", 0)),
+                      "backing": info.get("backing-filename")})
+    disk["size"] = chain[0]["virtual_size"] if chain else _disk_size(directory, disk)
+    out = {**disk, "served": served, "layers": chain}
+    lines = [f"disk {disk['name']}: {human_bytes(disk['size'])}, "
+             f"{'served' if served else 'not served'}"
+             f"{', open' if disk.get('open') else ''}",
+             f"top: {disk['top']}", "chain (top first):"]
+    for layer in chain:
+        lines.append(f"  {layer['image']}  {layer['format']}  "
+                     f"{human_bytes(layer['actual_size'])} on disk")
+    job = disk.get("job")
+    if job:
+        lines.append(f"job {job['id']}: {job['kind']} {job['state']} into {job['target']}, "
+                     f"copied {human_bytes(job.get('bytes_copied') or 0)} of "
+                     f"{human_bytes(job.get('copy_set_bytes') or 0)}")
+    else:
+        lines.append("job: none")
+    emit(args, out, "\n".join(lines))
+    return 0
+
+
+# --- disk remove ------------------------------------------------------------------------------
+
+
+def cmd_disk_remove(args: argparse.Namespace) -> int:
+    directory = datastore_dir(args)
+    with service(args) as svc:
+        disk = svc.execute("query-disks", {"disk": args.name})["disks"][0]
+        chain = [os.path.join(directory, p) for p in disk["chain"]]
+        if args.keep_images:
+            if disk.get("open"):
+                raise CliError(f"disk {args.name!r} is open; stop serving it first")
+            if disk.get("job"):
+                raise CliError(f"disk {args.name!r} has a job")
+            with catalog(args) as c:
+                c.remove_disk(args.name)
+        else:
+            svc.execute("disk-remove", {"disk": args.name})
+    deleted = [os.path.relpath(p, directory) for p in chain if not os.path.exists(p)]
+    kept = [os.path.relpath(p, directory) for p in chain if os.path.exists(p)]
+    text = f"removed disk {args.name}"
+    if deleted:
+        text += f"; deleted {', '.join(deleted)}"
+    if kept:
+        text += f"; kept {', '.join(kept)}"
+    emit(args, {"disk": args.name, "deleted": deleted, "kept": kept}, text)
+    return 0

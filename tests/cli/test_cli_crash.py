@@ -1,0 +1,90 @@
+"""``vdisk job`` after nbdkit was killed with SIGKILL while a job was ready.
+
+Serving the datastore again finds the job ``interrupted``; ``vdisk job
+resume`` finishes it, ``vdisk job cancel`` rolls it back, and either way the
+disk serves what the clients wrote and no orphan image remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterator
+
+import nbd
+import pytest
+from cliharness import Datastore, MiB, Served, wait_gone
+
+from vdisk import qemu_img
+
+Serve = Callable[..., Served]
+
+
+@contextlib.contextmanager
+def connect(uri: str) -> Iterator[nbd.NBD]:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        yield h
+    finally:
+        h.shutdown()
+
+
+def ready_job_then_kill(datastore: Datastore, serve: Serve, *extra: str) -> dict:
+    datastore.create("vm1", "16M")
+    served = serve(datastore)
+    with connect(served.uri("vm1")) as h:
+        h.pwrite(b"\x41" * (2 * MiB), 0)
+        h.flush()
+        datastore.vdisk("snapshot", "vm1")
+        h.pwrite(b"\x42" * MiB, MiB)
+        h.flush()
+    job = datastore.json("consolidate", "vm1", "--no-pivot", *extra)
+    assert job["state"] == "ready"
+    os.kill(served.nbdkit_pid, signal.SIGKILL)
+    wait_gone(served.nbdkit_pid)
+    served.proc.wait(30)         # vdisk serve exits with nbdkit's status
+    assert served.proc.returncode == 128 + signal.SIGKILL
+    return job
+
+
+def expected() -> bytes:
+    return b"\x41" * MiB + b"\x42" * MiB
+
+
+@pytest.mark.crash
+def test_resume_after_kill(datastore: Datastore, serve: Serve) -> None:
+    job = ready_job_then_kill(datastore, serve)
+    chain = datastore.disk("vm1")["chain"]
+    served = serve(datastore)                     # the stale sockets are replaced
+    shown = datastore.json("job", "show", str(job["id"]))
+    assert shown["state"] == "interrupted" and shown["error"]
+    with connect(served.uri("vm1")) as h:
+        assert h.pread(2 * MiB, 0) == expected()
+    resumed = datastore.json("job", "resume", str(job["id"]))
+    assert resumed["state"] == "done" and resumed["top_after"] == chain[1]
+    assert datastore.disk("vm1")["chain"] == [chain[1]]
+    with connect(served.uri("vm1")) as h:
+        assert h.pread(2 * MiB, 0) == expected()
+    served.stop()
+    assert datastore.images() == [os.path.basename(chain[1])]
+    qemu_img.check_clean(datastore.path / chain[1])
+
+
+@pytest.mark.crash
+def test_cancel_after_kill_rolls_back(datastore: Datastore, serve: Serve) -> None:
+    new = datastore.path / "images" / "target.qcow2"
+    job = ready_job_then_kill(datastore, serve, "--to", str(new))
+    chain = datastore.disk("vm1")["chain"]
+    assert new.exists()
+    # offline this time: the command runs the recovery itself
+    assert datastore.json("job", "show", str(job["id"]))["state"] == "interrupted"
+    cancelled = datastore.json("job", "cancel", str(job["id"]))
+    assert cancelled["state"] == "cancelled"
+    assert not new.exists()
+    assert datastore.disk("vm1")["chain"] == chain
+    assert datastore.images() == sorted(os.path.basename(p) for p in chain)
+    served = serve(datastore)
+    with connect(served.uri("vm1")) as h:
+        assert h.pread(2 * MiB, 0) == expected()

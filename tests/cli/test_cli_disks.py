@@ -1,0 +1,185 @@
+"""``vdisk datastore init`` and ``vdisk disk create|import|list|info|remove``, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cliharness import Datastore, MiB, chain_length, run_vdisk
+
+from vdisk import qemu_img, qemu_io
+
+
+def test_datastore_init_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "new"
+    first = run_vdisk("datastore", "init", path, "--json").json()
+    assert first == {"datastore": str(path), "created": True}
+    assert (path / "vdisk.db").exists() and (path / "images").is_dir()
+    second = run_vdisk("datastore", "init", path).stdout
+    assert "already a datastore" in second
+
+
+def test_disk_create(datastore: Datastore) -> None:
+    out = datastore.json("disk", "create", "vm1", "--size", "1G")
+    assert out["disk"] == "vm1" and out["size"] == 1 << 30
+    top = datastore.path / out["top"]
+    info = qemu_img.info(top)
+    assert info["format"] == "qcow2" and info["virtual-size"] == 1 << 30
+    qemu_img.check_clean(top, allow_leaks=False)
+    assert not [n for n in datastore.images() if n.startswith(".")]
+
+    human = datastore.vdisk("disk", "create", "vm2", "--size", "512M").stdout
+    assert human.startswith("created disk vm2 (512.0 MiB)")
+
+
+def test_disk_list_and_info(datastore: Datastore) -> None:
+    assert datastore.json("disk", "list") == {"datastore": str(datastore.path),
+                                              "served": False, "disks": []}
+    assert datastore.vdisk("disk", "list").stdout.strip() == "no disks"
+    datastore.create("b", "16M")
+    datastore.create("a", "32M")
+    listed = datastore.json("disk", "list")["disks"]
+    assert [(d["name"], d["size"], d["open"], d["job"]) for d in listed] == \
+        [("a", 32 * MiB, False, None), ("b", 16 * MiB, False, None)]
+
+    info = datastore.disk("a")
+    assert info["name"] == "a" and info["size"] == 32 * MiB and info["served"] is False
+    assert info["chain"] == [info["top"]]
+    assert [layer["image"] for layer in info["layers"]] == info["chain"]
+    assert info["layers"][0]["format"] == "qcow2"
+    human = datastore.vdisk("disk", "info", "a").stdout
+    assert info["top"] in human and "job: none" in human
+
+
+@pytest.fixture
+def source_chain(tmp_path: Path) -> Path:
+    """raw base <- qcow2 mid <- qcow2 top, each with its own data, a zeroed range on top."""
+    src = tmp_path / "src"
+    src.mkdir()
+    qemu_img.create(src / "base.raw", "raw", 8 * MiB)
+    qemu_io.run(src / "base.raw", "write -P 0x11 0 2M", fmt="raw")
+    qemu_img.create(src / "mid.qcow2", backing="base.raw", backing_fmt="raw")
+    qemu_io.run(src / "mid.qcow2", "write -P 0x22 1M 2M")
+    qemu_img.create(src / "top.qcow2", backing="mid.qcow2", backing_fmt="qcow2")
+    qemu_io.run(src / "top.qcow2", "write -z 0 512k", "write -P 0x33 4M 64k")
+    return src / "top.qcow2"
+
+
+def test_disk_import_keeps_the_chain(datastore: Datastore, source_chain: Path) -> None:
+    out = datastore.json("disk", "import", "vm1", source_chain)
+    assert out["flattened"] is False and len(out["chain"]) == 3
+    layers = qemu_img.info(datastore.path / out["top"], backing_chain=True)
+    assert [layer["format"] for layer in layers] == ["qcow2"] * 3
+    # backing names are relative, as qemu-img writes them
+    assert [layer.get("backing-filename") for layer in layers] == \
+        [Path(out["chain"][1]).name, Path(out["chain"][2]).name, None]
+    qemu_img.compare(datastore.path / out["top"], source_chain)
+    # each layer holds only its own clusters: the top maps the zeroed range and 4M
+    top_extents = [e for e in qemu_img.map(datastore.path / out["top"]) if e["depth"] == 0]
+    assert {e["start"] for e in top_extents if e["present"]} == {0, 4 * MiB}
+    for image in out["chain"]:
+        qemu_img.check_clean(datastore.path / image, allow_leaks=False)
+    assert datastore.disk("vm1")["chain"] == out["chain"]
+    assert not [n for n in datastore.images() if n.startswith(".")]
+
+
+def test_disk_import_flatten(datastore: Datastore, source_chain: Path) -> None:
+    out = datastore.json("disk", "import", "vm1", source_chain, "--flatten")
+    assert out["flattened"] is True and out["chain"] == [out["top"]]
+    top = datastore.path / out["top"]
+    assert chain_length(top) == 1
+    qemu_img.compare(top, source_chain)
+
+
+def test_disk_import_of_a_raw_image(datastore: Datastore, tmp_path: Path) -> None:
+    raw = tmp_path / "disk.img"
+    qemu_img.create(raw, "raw", 4 * MiB)
+    qemu_io.run(raw, "write -P 0x5a 1M 1M", fmt="raw")
+    out = datastore.json("disk", "import", "vm1", raw)
+    assert qemu_img.info(datastore.path / out["top"])["format"] == "qcow2"
+    qemu_img.compare(datastore.path / out["top"], raw)
+
+
+def test_failed_import_leaves_nothing(datastore: Datastore, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.qcow2"
+    qemu_img.run(["create", "-q", "-f", "qcow2", "-u", "-b", "missing.qcow2", "-F", "qcow2",
+                  bad, str(MiB)])
+    result = datastore.vdisk("disk", "import", "vm1", bad, check=False)
+    assert result.returncode == 1 and "missing.qcow2" in result.error_line()
+    assert datastore.images() == []
+    assert datastore.json("disk", "list")["disks"] == []
+
+
+def test_disk_remove(datastore: Datastore) -> None:
+    datastore.create("vm1")
+    datastore.vdisk("snapshot", "vm1")
+    assert len(datastore.images()) == 2
+    out = datastore.json("disk", "remove", "vm1")
+    assert out["disk"] == "vm1" and len(out["deleted"]) == 2 and out["kept"] == []
+    assert datastore.images() == []
+    assert datastore.json("disk", "list")["disks"] == []
+
+
+def test_disk_remove_keep_images(datastore: Datastore) -> None:
+    top = datastore.create("vm1")
+    out = datastore.json("disk", "remove", "vm1", "--keep-images")
+    assert out["kept"] == [top] and out["deleted"] == []
+    assert (datastore.path / top).exists()
+    assert datastore.json("disk", "list")["disks"] == []
+
+
+def share_base(datastore: Datastore) -> tuple[str, str]:
+    """Disk 'clone' on top of disk 'golden''s image; returns (golden top, clone top)."""
+    import vdisk_block.catalog as catalog_mod
+
+    golden = datastore.create("golden", "8M")
+    clone = "images/clone-0.qcow2"
+    qemu_img.create(datastore.path / clone, backing=Path(golden).name, backing_fmt="qcow2")
+    c = catalog_mod.Catalog(str(datastore.path))
+    try:
+        c.add_disk("clone", clone)
+    finally:
+        c.close()
+    return golden, clone
+
+
+def test_disk_remove_keeps_images_other_disks_use(datastore: Datastore) -> None:
+    golden, clone = share_base(datastore)
+    out = datastore.json("disk", "remove", "clone")
+    assert out["deleted"] == [clone] and out["kept"] == [golden]
+    assert (datastore.path / golden).exists()
+    out = datastore.json("disk", "remove", "golden")
+    assert out["deleted"] == [golden]
+
+
+def test_disk_remove_of_a_shared_base_keeps_it(datastore: Datastore) -> None:
+    golden, clone = share_base(datastore)
+    out = datastore.json("disk", "remove", "golden")
+    assert out["deleted"] == [] and out["kept"] == [golden]
+    assert qemu_img.info(datastore.path / clone, backing_chain=True)[1]["format"] == "qcow2"
+
+
+def test_consolidating_into_a_shared_base_is_refused(datastore: Datastore,
+                                                     tmp_path: Path) -> None:
+    golden, clone = share_base(datastore)
+    golden_copy = tmp_path / "golden.raw"
+    qemu_img.convert(datastore.path / golden, golden_copy)
+    qemu_io.run(datastore.path / clone, "write -P 0x77 0 1M")
+    result = datastore.vdisk("consolidate", "clone", check=False)
+    assert result.returncode == 1
+    assert "also used by disk(s) golden" in result.error_line()
+
+    datastore.vdisk("snapshot", "clone")
+    qemu_io.run(datastore.top("clone"), "write -P 0x78 1M 1M")
+    result = datastore.vdisk("consolidate", "clone", "--into", golden, check=False)
+    assert "also used by disk(s) golden" in result.error_line()
+    # --to a new image on the shared base collapses the clone's own layers only
+    expected = tmp_path / "clone.raw"
+    qemu_img.convert(datastore.top("clone"), expected)
+    new = datastore.path / "images" / "clone-new.qcow2"
+    out = datastore.json("consolidate", "clone", "--to", new)
+    assert out["state"] == "done" and out["top_after"] == "images/clone-new.qcow2"
+    assert datastore.disk("clone")["chain"] == ["images/clone-new.qcow2", golden]
+    qemu_img.compare(new, expected)
+    qemu_img.compare(datastore.path / golden, golden_copy)
+    assert datastore.disk("golden")["chain"] == [golden]

@@ -1,0 +1,158 @@
+"""Bad input: one line on stderr (``vdisk: error: ...``) and a non-zero exit code.
+
+Usage errors (argparse) exit 2; a command that cannot be done exits 1.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from cliharness import REPO, Datastore, run_vdisk
+
+import vdisk
+from vdisk import cli
+from vdisk.cli_common import parse_size
+from vdisk.progress import ProgressBar, human_bytes, human_duration
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    ([], "required: COMMAND"),
+    (["disk"], "required: ACTION"),
+    (["disk", "frobnicate"], "invalid choice: 'frobnicate'"),
+    (["disk", "list"], "required: -d/--datastore"),
+    (["disk", "create", "vm1", "--size", "10X", "-d", "/nonexistent"], "invalid size '10X'"),
+    (["disk", "create", "vm1", "--size", "1000", "-d", "/nonexistent"], "multiple of 512"),
+    (["disk", "create", "vm1", "--size", "0", "-d", "/nonexistent"], "must be positive"),
+    (["job", "show", "x", "-d", "/nonexistent"], "invalid job id 'x'"),
+    (["consolidate", "vm1", "--into", "a", "--to", "b", "-d", "/x"], "not allowed with"),
+    (["serve", "-d", "/x"], "one of the arguments --unix --port is required"),
+    (["serve", "-d", "/x", "--port", "99999"], "invalid port"),
+    (["backup", "vm1", "-d", "/x"], "required: --to"),
+])
+def test_usage_errors_exit_2_with_one_line(args: list[str], reason: str) -> None:
+    result = run_vdisk(*args, check=False)
+    assert result.returncode == 2
+    assert reason in result.error_line()
+    assert result.stdout == ""
+
+
+def test_missing_datastore_directory(tmp_path: Path) -> None:
+    result = run_vdisk("disk", "list", "-d", tmp_path / "nope", check=False)
+    assert result.returncode == 1
+    assert "no such datastore directory" in result.error_line()
+
+
+def test_directory_that_is_not_a_datastore(tmp_path: Path) -> None:
+    result = run_vdisk("snapshot", "vm1", "-d", tmp_path, check=False)
+    assert result.returncode == 1
+    assert "not a vdisk datastore" in result.error_line()
+
+
+@pytest.mark.parametrize("command", [
+    ["disk", "info", "vm9"],
+    ["disk", "remove", "vm9"],
+    ["snapshot", "vm9"],
+    ["consolidate", "vm9"],
+])
+def test_unknown_disk(datastore: Datastore, command: list[str]) -> None:
+    result = datastore.vdisk(*command, check=False)
+    assert result.returncode == 1
+    assert "disk 'vm9' does not exist" in result.error_line()
+
+
+def test_unknown_job(datastore: Datastore) -> None:
+    for action in ("show", "complete", "cancel", "resume"):
+        result = datastore.vdisk("job", action, "42", check=False)
+        assert result.returncode == 1
+        assert "job 42 does not exist" in result.error_line()
+
+
+def test_existing_disk_and_bad_name(datastore: Datastore) -> None:
+    datastore.create("vm1")
+    before = datastore.images()
+    result = datastore.vdisk("disk", "create", "vm1", "--size", "1M", check=False)
+    assert "disk 'vm1' already exists" in result.error_line()
+    result = datastore.vdisk("disk", "create", "a/b", "--size", "1M", check=False)
+    assert "invalid disk name 'a/b'" in result.error_line()
+    assert datastore.images() == before
+
+
+def test_backup_refuses_an_existing_file(datastore: Datastore, tmp_path: Path) -> None:
+    datastore.create("vm1")
+    existing = tmp_path / "backup.qcow2"
+    existing.write_bytes(b"precious")
+    result = datastore.vdisk("backup", "vm1", "--to", existing, check=False)
+    assert result.returncode == 1
+    assert "already exists" in result.error_line()
+    assert existing.read_bytes() == b"precious"
+    assert datastore.disk("vm1")["chain"] == [datastore.disk("vm1")["top"]]
+
+
+def test_import_of_a_missing_file(datastore: Datastore, tmp_path: Path) -> None:
+    result = datastore.vdisk("disk", "import", "vm1", tmp_path / "nope.qcow2", check=False)
+    assert "no such file" in result.error_line()
+
+
+def test_json_is_one_object(datastore: Datastore) -> None:
+    datastore.create("vm1")
+    for args in (["disk", "list"], ["disk", "info", "vm1"], ["job", "list"]):
+        assert isinstance(datastore.json(*args), dict)
+
+
+def test_console_script_entry_point() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["vdisk"] == "vdisk.cli:main"
+    assert callable(cli.main)
+    script = Path(sys.executable).parent / "vdisk"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed yet (ci/install installs it)")
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30,
+                            check=True)
+    assert result.stdout.strip() == f"vdisk {vdisk.__version__}"
+
+
+def test_parse_size() -> None:
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("1.5g") == 3 << 29
+    assert parse_size("65536") == 65536
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_only_on_a_terminal() -> None:
+    quiet = io.StringIO()
+    with ProgressBar("job 1", 100 << 20, stream=quiet, interval=0) as bar:
+        bar.update(50 << 20)
+    assert quiet.getvalue() == ""
+
+    tty = Terminal()
+    with ProgressBar("job 1", 100 << 20, stream=tty, interval=0) as bar:
+        bar.update(10 << 20)
+        bar.update(50 << 20)
+    text = tty.getvalue()
+    assert "50.0 MiB / 100.0 MiB" in text and " 50%" in text and "/s" in text
+    assert text.endswith("\n")
+
+    tty = Terminal()
+    with ProgressBar("job 1", 100, stream=tty, enabled=False) as bar:   # --json
+        bar.update(50)
+    assert tty.getvalue() == ""
+
+
+def test_human_units() -> None:
+    assert human_bytes(0) == "0 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(3 << 30) == "3.0 GiB"
+    assert human_duration(75) == "1:15"
+    assert human_duration(3725) == "1:02:05"
