@@ -34,8 +34,8 @@ def snapshot(disk: Disk, new_path: str, persist: Persist | None = None) -> None:
     The frozen image keeps only a read lock, so nobody (QEMU included) may
     write it while it is a backing file.
     """
-    top = disk._writable()
     with disk.lock:
+        top = disk._writable()
         if disk.job is not None:
             raise RequestError(disk.path, "a mirror job is running on this disk")
         if len(disk.layers) >= MAX_LAYERS:

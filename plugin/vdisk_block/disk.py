@@ -219,8 +219,8 @@ class Disk:
         self._check(len(mv), offset)
         if not mv:
             return
-        top = self._writable()
         with self.lock:
+            top = self._writable()      # under the lock: a snapshot or pivot may swap it
             self._write_top(top, mv, offset)
             if self.job is not None:
                 self.job.mirror_write(mv, offset)
@@ -311,8 +311,8 @@ class Disk:
 
     def zero(self, length: int, offset: int, may_trim: bool = False, fast: bool = False) -> None:
         self._check(length, offset)
-        top = self._writable()
         with self.lock:
+            top = self._writable()
             cs = top.cs
             first, end = self._full_clusters(top, length, offset)
             partial = []
@@ -370,8 +370,8 @@ class Disk:
     def trim(self, length: int, offset: int) -> None:
         """Deallocate whole clusters; they read as zeros afterwards (see docs)."""
         self._check(length, offset)
-        top = self._writable()
         with self.lock:
+            top = self._writable()
             per = top.cs // self.map.g
             first, end = self._full_clusters(top, length, offset)
             for c in range(first, end):

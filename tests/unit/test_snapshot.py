@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,33 @@ def test_read_only_disk_cannot_snapshot(tmp_path: Path, opened) -> None:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _blocked_in(thread: threading.Thread, function: str) -> bool:
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_write_racing_a_snapshot_lands_in_the_new_top(tmp_path: Path, opened) -> None:
+    """A write that arrives while a snapshot runs must go to the new top, not the frozen one."""
+    img = tmp_path / "img.qcow2"
+    qemu_img.create(img, size=MiB)
+    d = opened(img)
+    data = b"\x5a" * 4096
+    with d.lock:
+        t = threading.Thread(target=d.write, args=(data, 8192))
+        t.start()
+        deadline = time.monotonic() + 10
+        while not _blocked_in(t, "write") and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert _blocked_in(t, "write")
+        snapshot(d, str(tmp_path / "snap.qcow2"))
+    t.join(10)
+    assert d.read(4096, 8192) == data
+    d.close()
+    assert raw_view(img, tmp_path)[8192:12288] == bytes(4096), "the frozen image changed"
+    assert raw_view(tmp_path / "snap.qcow2", tmp_path)[8192:12288] == data
