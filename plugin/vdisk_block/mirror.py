@@ -212,17 +212,21 @@ class MirrorJob:
 
     def mirror_write(self, data: memoryview, offset: int) -> None:
         """Called under the disk lock after the top took the write."""
-        try:
-            assert self._target is not None
-            self._target.write(data, offset)
-            self.stats.bytes_mirrored += len(data)
-        except Exception as e:          # noqa: BLE001
-            self._fail(e)
+        self._mirror(offset, len(data), lambda t: t.write(data, offset))
 
     def mirror_zero(self, length: int, offset: int) -> None:
+        self._mirror(offset, length, lambda t: t.zero(length, offset, may_trim=True))
+
+    def _mirror(self, offset: int, length: int, op: Callable[[Disk], None]) -> None:
+        if not self.new_path:
+            # the target is in the served chain: from now on its data may show
+            # through wherever the top has nothing, so a later zero of these
+            # clusters must use the zero flag, never just unallocate
+            g = self.disk.map.g
+            self.disk.map.mark_backing(offset // g, -(-(offset + length) // g))
         try:
             assert self._target is not None
-            self._target.zero(length, offset, may_trim=True)
+            op(self._target)
             self.stats.bytes_mirrored += length
         except Exception as e:          # noqa: BLE001
             self._fail(e)

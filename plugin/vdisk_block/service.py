@@ -87,6 +87,12 @@ class DatastoreService:
         if handler is None:
             raise CommandNotFound(self.dir, f"unknown command {command!r}")
         args = dict(arguments or {})
+        for name, value in args.items():
+            want = _ARG_TYPES.get(name)
+            if want is not None and (not isinstance(value, want) or
+                                     (want is int and isinstance(value, bool))):
+                raise RequestError(self.dir, f"{command}: argument {name!r} must be "
+                                   f"{_TYPE_NAMES[want]}, not {type(value).__name__}")
         try:
             return handler(self, **args)
         except TypeError as e:
@@ -140,13 +146,12 @@ class DatastoreService:
                 if os.path.exists(new_path):
                     raise RequestError(self.dir, f"{to} already exists")
             collapse = index + 1 if new_path else index
-            replaced = d.layers[:collapse] if new_path else d.layers[:index + 1]
-            for f in replaced[1:]:
-                users = self._users(f.path, disk)
+            if not new_path:
+                users = self._users(d.layers[index].path, disk)
                 if users:
-                    raise RequestError(self.dir, f"{self.catalog.relpath(f.path)} is also used "
-                                       f"by disk(s) {', '.join(users)}; consolidate --to a "
-                                       "new image instead")
+                    raise RequestError(self.dir, f"{self.catalog.relpath(d.layers[index].path)} "
+                                       f"is also used by disk(s) {', '.join(users)}; "
+                                       "consolidate --to a new image instead")
             job_id = self.catalog.add_job(
                 disk, "consolidate", target=self.catalog.relpath(new_path or d.layers[index].path),
                 new_image=int(bool(new_path)), collapse=collapse,
@@ -180,16 +185,21 @@ class DatastoreService:
                 pass
 
     def _changed(self, job_id: int, disk: str, job: MirrorJob, state: State) -> None:
-        if state is not State.DONE:     # done is recorded with the pivot's cleanup
-            self.catalog.update_job(job_id, state=state.value, error=job.error,
-                                    stats=_stats(job))
+        if state is State.DONE:         # recorded and announced by the pivot's cleanup
+            return
+        self.catalog.update_job(job_id, state=state.value, error=job.error, stats=_stats(job))
+        self._announce(job_id, disk, state.value)
+
+    def _announce(self, job_id: int, disk: str, state: str) -> None:
         self._emit({"event": "JOB_STATUS_CHANGE", "timestamp": time.time(),
-                    "data": {"id": job_id, "disk": disk, "state": state.value}})
+                    "data": {"id": job_id, "disk": disk, "state": state}})
 
     def job_complete(self, id: int) -> dict[str, Any]:   # noqa: A002 - protocol name
         job, row = self._live(id)
         disk = row["disk"]
-        dropped = [self.catalog.relpath(f.path) for f in job.disk.layers[:job.collapse]]
+        # images that other disks' chains use stay (a replaced layer may be shared)
+        dropped = [self.catalog.relpath(f.path) for f in job.disk.layers[:job.collapse]
+                   if not self._users(f.path, disk)]
         target = row["target"]
 
         def persist(_path: str) -> None:
@@ -220,6 +230,7 @@ class DatastoreService:
             except FileNotFoundError:
                 pass
         self.catalog.update_job(id, state="done", **fields)
+        self._announce(id, self.catalog.job(id)["disk"], "done")
 
     def job_cancel(self, id: int) -> dict[str, Any]:   # noqa: A002
         row = self.catalog.job(id)
@@ -315,6 +326,9 @@ def _stats(job: MirrorJob) -> dict[str, Any]:
     return {k: info[k] for k in ("copy_set_bytes", "bytes_copied", "bytes_mirrored", "passes",
                                  "time_to_ready_s", "duration_s", "pivot_pause_ms")}
 
+
+_ARG_TYPES: dict[str, type] = {"disk": str, "into": str, "to": str, "id": int, "pivot": bool}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
 _COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
     "query-disks": DatastoreService.query_disks,
