@@ -38,6 +38,35 @@ except ImportError:  # not installed with `pip install -e .`: use the checkout
 import nbdharness  # noqa: E402
 
 
+def _short_bytes_explanation() -> None:
+    """Explain a failed == on large byte strings by the first difference.
+
+    pytest explains a failed comparison with difflib, even when the assert has
+    a message, which takes minutes on the megabytes these suites compare: a
+    failure would look like a hang until the timeout. The built-in explainer
+    always runs, so it is wrapped rather than pre-empted by a hook.
+    """
+    from _pytest.assertion import util
+
+    original = util.assertrepr_compare
+
+    def explain(op, left, right, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        if op == "==" and isinstance(left, (bytes, bytearray, memoryview)) and \
+                isinstance(right, (bytes, bytearray, memoryview)) and \
+                max(len(left), len(right)) > 4096:
+            a, b = bytes(left), bytes(right)
+            first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+            where = f"first difference at byte {first}" if first is not None else \
+                "one is a prefix of the other"
+            return iter([f"{len(a)} bytes == {len(b)} bytes", where])
+        return original(op, left, right, *args, **kwargs)
+
+    util.assertrepr_compare = explain
+
+
+_short_bytes_explanation()
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A fresh directory for the images of one test."""
