@@ -74,6 +74,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--pidfile", metavar="FILE", help="write nbdkit's pid here")
     p.add_argument("--log", metavar="FILE",
                    help="nbdkit's log when detached (default DIR/nbdkit.log)")
+    p.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="after SIGTERM, how long clients may stay attached before the "
+                        "disks are flushed and nbdkit is killed (default 10)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long to wait for the server to accept connections (default 30)")
     p.set_defaults(func=cmd_serve)
@@ -207,6 +210,33 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout)
+
+
+def _wait_for_exit(proc: subprocess.Popen[bytes], plan: Plan, stop_asked: list[float],
+                   grace: float) -> int:
+    """Wait for nbdkit; after a stop request, bound the wait.
+
+    nbdkit 1.32 with a Python plugin does not exit on SIGTERM while a client
+    stays connected. After `grace` seconds every open disk is flushed through
+    the control socket and nbdkit is killed: what clients wrote and flushed is
+    on disk, and the images stay consistent (the block driver is crash-safe).
+    """
+    while True:
+        try:
+            return proc.wait(0.2)
+        except subprocess.TimeoutExpired:
+            pass
+        if stop_asked and time.monotonic() - stop_asked[0] > grace:
+            try:
+                with ControlClient.connect(plan.control, timeout=5.0) as client:
+                    client.execute("flush", {})
+                flushed = "flushed every disk"
+            except (Error, OSError) as e:
+                flushed = f"could not flush the disks ({one_line(str(e))})"
+            print(f"vdisk: clients still attached {grace:g} s after the stop request; "
+                  f"{flushed} and stopped nbdkit", file=sys.stderr)
+            proc.kill()
+            return proc.wait()
 
 
 def _write_pidfile(path: str, pid: int) -> None:
@@ -355,9 +385,13 @@ def _serve_foreground(args: argparse.Namespace, plan: Plan, names: list[str]) ->
     assert proc.stdout is not None
     relay = _Relay(proc.stdout)
 
+    stop_asked: list[float] = []
+
     def forward(signum: int, _frame: FrameType | None) -> None:
         if proc.poll() is None:
             proc.send_signal(signum)
+            if signum != signal.SIGHUP and not stop_asked:
+                stop_asked.append(time.monotonic())
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     pidfile = os.path.abspath(args.pidfile) if args.pidfile else None
@@ -375,7 +409,7 @@ def _serve_foreground(args: argparse.Namespace, plan: Plan, names: list[str]) ->
             _write_pidfile(pidfile, proc.pid)
         relay.pass_on()
         _report(args, plan, proc.pid, names, None)
-        rc = proc.wait()
+        rc = _wait_for_exit(proc, plan, stop_asked, args.stop_timeout)
         relay.thread.join(5.0)
     finally:
         for sig, handler in previous.items():

@@ -255,6 +255,14 @@ class DatastoreService:
         self.catalog.update_job(id, state="copying", error=None)
         return {"job": self._start(id, row["disk"], d, row["collapse"], new_path, True)}
 
+    def flush(self, disk: str | None = None) -> dict[str, Any]:
+        """Flush open disks (all of them, or one): what they acknowledged is on disk."""
+        with self._lock:
+            disks = [self.disk(disk)] if disk else list(self.disks.values())
+        for d in disks:
+            d.flush()
+        return {"flushed": len(disks)}
+
     def query_jobs(self, disk: str | None = None, id: int | None = None) -> dict[str, Any]:  # noqa: A002
         return {"jobs": [self._job_info(r) for r in self.catalog.jobs(disk=disk, job=id)]}
 
@@ -339,6 +347,7 @@ _COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
     "job-resume": DatastoreService.job_resume,
     "query-jobs": DatastoreService.query_jobs,
     "disk-remove": DatastoreService.disk_remove,
+    "flush": DatastoreService.flush,
 }
 
 __all__ = ["DatastoreService", "__version__"]
