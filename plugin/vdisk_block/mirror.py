@@ -200,6 +200,12 @@ class MirrorJob:
                             disk._read(memoryview(buf), off)
                             target.write(buf, off)
                         self.stats.bytes_copied += n
+                    # the lock is not fair: let a guest request that waited
+                    # for this chunk take it before the next one
+                    time.sleep(0)
+            # write the copied data back without holding up the guest; the
+            # flush under the lock then has little left to do
+            os.fdatasync(target.layers[0].fd)
             with disk.lock:
                 if self.state is State.COPYING:
                     target.flush()
