@@ -12,18 +12,23 @@ unless the benchmark itself could not run). See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import shutil
-import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import images
+from bench_cli import (
+    apply_quick_defaults,
+    comma_list,
+    environment,
+    run_main,
+    scratch_dir,
+    setup_logging,
+    write_json,
+)
 from consolidate_report import (
     human,
     render_latency,
@@ -175,19 +180,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    defaults = {"deltas": ("64M,1G", "64M,256M"), "base_size": (2 << 30, 1 << 30),
-                "repeat": (8, 2), "peer_repeat": (3, 1), "window": (30.0, 10.0),
-                "baseline": (2.0, 1.0)}
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
+    apply_quick_defaults(args, {
+        "deltas": ("64M,1G", "64M,256M"), "base_size": (2 << 30, 1 << 30),
+        "repeat": (8, 2), "peer_repeat": (3, 1), "window": (30.0, 10.0),
+        "baseline": (2.0, 1.0)})
     args.deltas = [size_arg(d) for d in args.deltas.split(",") if d]
-    args.loads = [x for x in args.loads.split(",") if x]
-    args.methods = [x for x in args.methods.split(",") if x]
-    for bad in set(args.loads) - set(LOADS):
-        p.error(f"unknown load {bad!r}")
-    for bad in set(args.methods) - set(METHODS):
-        p.error(f"unknown method {bad!r}")
+    args.loads = comma_list(p, args.loads, LOADS, "load")
+    args.methods = comma_list(p, args.methods, METHODS, "method")
     if args.base_data is None:
         args.base_data = max(args.deltas)
     for d in args.deltas:
@@ -200,18 +199,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-5s %(message)s", datefmt="%H:%M:%S")
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="vdisk-consolidate-", dir=args.workdir))
+    setup_logging(args.verbose)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    try:
+    with scratch_dir(args.workdir, "vdisk-consolidate-", args.keep) as workdir:
         runs = run_all(args, workdir)
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     print()
     print(f"vdisk consolidation benchmark: base {human(args.base_size)} virtual "
@@ -236,19 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("\nproblems and notes:\n" + problems)
     if args.json:
-        doc = {"config": {k: (str(v) if isinstance(v, Path) else v)
-                          for k, v in vars(args).items()},
-               "environment": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                               "python": sys.version.split()[0], "elapsed_s": elapsed,
-                               "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-               "runs": [asdict(r) for r in runs]}
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(args.json, args, environment(elapsed, load_before),
+                   runs=[asdict(r) for r in runs])
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; processes stopped, scratch directory removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, "processes")

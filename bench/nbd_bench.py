@@ -11,20 +11,24 @@ exit code is 0 unless the benchmark itself could not run). See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import images
 import profiling
 import workloads
+from bench_cli import (
+    apply_quick_defaults,
+    comma_list,
+    environment,
+    run_main,
+    scratch_dir,
+    setup_logging,
+    write_json,
+)
 from cases import WORKLOADS, Case, build_cases
 from report import CaseResult, Cell, render_costs, render_problems, render_table
 from servers import (
@@ -226,19 +230,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nbdcopy-requests", type=int, default=16, help="default 16")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    defaults = {"image_size": (1 << 30, 256 * MiB), "chain_size": (512 * MiB, 128 * MiB),
-                "rand_seconds": (4.0, 1.5), "write_size": (256 * MiB, 64 * MiB),
-                "repeat": (5, 3)}
-    for name, (full, quick) in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, quick if args.quick else full)
-    args.servers = [s for s in args.servers.split(",") if s]
-    args.workloads = [w for w in args.workloads.split(",") if w]
+    apply_quick_defaults(args, {
+        "image_size": (1 << 30, 256 * MiB), "chain_size": (512 * MiB, 128 * MiB),
+        "rand_seconds": (4.0, 1.5), "write_size": (256 * MiB, 64 * MiB),
+        "repeat": (5, 3)})
+    args.servers = comma_list(p, args.servers, ALL_SERVERS, "server")
+    args.workloads = comma_list(p, args.workloads, WORKLOADS, "workload")
     args.chain_depths = [int(d) for d in args.chain_depths.split(",") if d]
-    for bad in set(args.servers) - set(ALL_SERVERS):
-        p.error(f"unknown server {bad!r}")
-    for bad in set(args.workloads) - set(WORKLOADS):
-        p.error(f"unknown workload {bad!r}")
     if "alloc" in args.workloads and args.write_size > args.image_size:
         p.error("--write-size must not exceed --image-size (the overlay's virtual size)")
     return args
@@ -246,16 +244,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-5s %(message)s", datefmt="%H:%M:%S")
-    if args.workdir:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="vdisk-bench-", dir=args.workdir))
+    setup_logging(args.verbose)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    try:
+    with scratch_dir(args.workdir, "vdisk-bench-", args.keep) as workdir:
         imgdir = workdir / "images"
         imgdir.mkdir(exist_ok=True)
         cases = build_cases(args, imgdir)
@@ -264,9 +258,6 @@ def main(argv: list[str] | None = None) -> int:
                  "vdisk.nbdkit.NbdkitServer" if project_server_available()
                  and not args.own_vdisk_owner else "bench/servers.py")
         results = [run_case(c, args.servers, args, cache, workdir / "runs") for c in cases]
-    finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     print()
     print(f"vdisk block-driver benchmark: median of {args.repeat} runs (sparse read: "
@@ -284,21 +275,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nvdisk profile, {res.title} ({res.profile['value']:.1f} {res.unit}, "
                   f"{res.profile['file']}):\n{res.profile['summary']}")
     if args.json:
-        doc = {
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "environment": {"page_cache": cache.mode, "cpus": os.cpu_count(),
-                            "kernel": platform.release(), "python": sys.version.split()[0],
-                            "tools": tool_versions(), "elapsed_s": elapsed,
-                            "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-            "results": [r.to_json() for r in results],
-        }
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        env = environment(elapsed, load_before, lead={"page_cache": cache.mode},
+                          middle={"tools": tool_versions()})
+        write_json(args.json, args, env, results=[r.to_json() for r in results])
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped, scratch directory removed", file=sys.stderr)
-        sys.exit(130)
+    run_main(main, "servers")

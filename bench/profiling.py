@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import TracebackType
+
+from vdisk import process
+from vdisk.process import ProcessOwner
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +31,23 @@ def find_py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-class PySpy:
+class PySpy(ProcessOwner):
     """Records ``pid`` while the ``with`` block runs; stops py-spy in any case."""
 
     def __init__(self, binary: str, pid: int, out: Path, rate: int = 250) -> None:
+        super().__init__(out.with_suffix(".log"))
         self.argv = [binary, "record", "--pid", str(pid), "--rate", str(rate),
                      "--format", "raw", "--nonblocking", "-o", str(out)]
         self.out = out
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log = out.with_suffix(".log")
 
-    def __enter__(self) -> PySpy:
+    def start(self) -> None:
+        self._require_not_started()
         log.debug("running %s", " ".join(self.argv))
-        with open(self._log, "wb") as logf:
+        with open(self._output_path, "wb") as logf:
             self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                           stdout=logf, stderr=subprocess.STDOUT)
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _stop_on_exit(self) -> None:
         proc = self._proc
         if proc is None:
             return
@@ -61,11 +57,9 @@ class PySpy:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+                process.stop(proc, 10, log=log, name="py-spy")
         if not self.out.exists():
-            log.warning("py-spy wrote no profile: %s",
-                        self._log.read_text(errors="replace").strip()[-300:])
+            log.warning("py-spy wrote no profile: %s", self.stderr_text().strip()[-300:])
 
 
 def summarize(raw: Path, top: int = 8) -> str:

@@ -27,6 +27,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
+from vdisk import process
+from vdisk.process import ProcessOwner
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,12 +99,13 @@ def wait_for_socket(
         time.sleep(0.005)
 
 
-class ServerProcess:
+class ServerProcess(ProcessOwner):
     """One server process on a Unix socket: started on enter, always stopped on exit."""
 
     def __init__(
         self, name: str, argv: list[str], sock: Path, log_path: Path, start_timeout: float
     ) -> None:
+        super().__init__(log_path)
         self.name = name
         self.argv = argv
         self.sock = sock
@@ -109,10 +113,9 @@ class ServerProcess:
         self.start_timeout = start_timeout
         self.uri = f"nbd+unix:///?socket={sock}"
         self.startup_s = 0.0
-        self.pid = 0
-        self._proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> ServerProcess:
+    def start(self) -> None:
+        self._require_not_started()
         self.sock.unlink(missing_ok=True)  # nbdkit leaves its socket behind
         log.debug("starting %s: %s", self.name, " ".join(self.argv))
         t0 = time.perf_counter()
@@ -120,21 +123,14 @@ class ServerProcess:
             self._proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT
             )
-        self.pid = self._proc.pid
         try:
             wait_for_socket(self.sock, self._proc, self.start_timeout, self.name, self.log_path)
         except BaseException:
             self.stop()
             raise
         self.startup_s = time.perf_counter() - t0
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def _stop_on_exit(self) -> None:
         self.stop()
 
     def stop(self) -> None:
@@ -142,14 +138,7 @@ class ServerProcess:
         if proc is None:
             return
         try:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s (pid %d) ignored SIGTERM, killing", self.name, proc.pid)
-                    proc.kill()
-                    proc.wait(10)
+            process.stop(proc, 10, log=log, name=self.name)
         finally:
             self._proc = None
             self.sock.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ its pid (SIGTERM, bounded wait, SIGKILL).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -17,9 +18,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import nbd
 
 from vdisk import qemu_img
 
@@ -157,3 +161,18 @@ def wait_gone(pid: int, timeout: float = 15.0) -> None:
 
 def chain_length(top: Path) -> int:
     return len(qemu_img.info(top, backing_chain=True, force_share=True))
+
+
+Serve = Callable[..., Served]
+"""The ``serve`` fixture: serves a datastore until the test ends."""
+
+
+@contextlib.contextmanager
+def connect(uri: str) -> Iterator[nbd.NBD]:
+    """A libnbd handle on ``uri``, shut down when the block ends."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        yield h
+    finally:
+        h.shutdown()

@@ -7,28 +7,13 @@ disk serves what the clients wrote and no orphan image remains.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
 
-import nbd
 import pytest
-from cliharness import Datastore, MiB, Served, wait_gone
+from cliharness import Datastore, MiB, Serve, connect, wait_gone
 
 from vdisk import qemu_img
-
-Serve = Callable[..., Served]
-
-
-@contextlib.contextmanager
-def connect(uri: str) -> Iterator[nbd.NBD]:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        yield h
-    finally:
-        h.shutdown()
 
 
 def ready_job_then_kill(datastore: Datastore, serve: Serve, *extra: str) -> dict:

@@ -6,7 +6,6 @@ and reads the disks through libnbd while the commands run against the server.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -14,27 +13,24 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nbd
 import pytest
-from cliharness import CLI, Datastore, MiB, Served, alive, chain_length, run_vdisk, wait_gone
+from cliharness import (
+    CLI,
+    Datastore,
+    MiB,
+    Serve,
+    alive,
+    chain_length,
+    connect,
+    run_vdisk,
+    wait_gone,
+)
 
 from vdisk import errors, qemu_img
 from vdisk.control import ControlClient, ControlError, open_service
-
-Serve = Callable[..., Served]
-
-
-@contextlib.contextmanager
-def connect(uri: str) -> Iterator[nbd.NBD]:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        yield h
-    finally:
-        h.shutdown()
 
 
 def raw_copy(uri: str, dest: Path) -> Path:

@@ -218,6 +218,12 @@ def compare_with(top: Path, expected: bytes, scratch: Path) -> None:
         scratch.unlink()
 
 
+def check_chain(top: Path, expected: bytes, scratch: Path, allow_leaks: bool = False) -> None:
+    """QEMU's word on a chain: ``check_images`` on each image, then ``compare_with``."""
+    check_images(chain_of(top), allow_leaks=allow_leaks)
+    compare_with(top, expected, scratch)
+
+
 def assert_no_orphans(ds: Datastore) -> None:
     """Every file in DIR/images belongs to the chain of some catalog disk."""
     used: set[Path] = set()

@@ -22,8 +22,7 @@ from cons_datastore import (
     ServedDatastore,
     assert_no_orphans,
     chain_of,
-    check_images,
-    compare_with,
+    check_chain,
     first_difference,
     raw_view,
     read_export,
@@ -114,6 +113,5 @@ def test_writers_through_snapshot_consolidate_pivot(
     top = ds.dir / chain[0]
     assert ds.catalog_top("a") == top
     assert chain_of(top) == [(ds.dir / p).resolve() for p in chain]
-    check_images(chain_of(top))
-    compare_with(top, oracle, tmp_path / "oracle.raw")
+    check_chain(top, oracle, tmp_path / "oracle.raw")
     assert_no_orphans(ds)

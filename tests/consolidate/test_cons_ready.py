@@ -12,15 +12,17 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nbd
 import pytest
+from cons_control import ControlClient
 from cons_datastore import (
     LayeredDisk,
     ServedDatastore,
     assert_no_orphans,
     chain_of,
-    check_images,
+    check_chain,
     compare_with,
     first_difference,
     read_export,
@@ -39,6 +41,12 @@ def expected_after(chain: list[str], mode: str) -> tuple[list[str], list[str]]:
     return chain[1:], chain[:1]
 
 
+def consolidate_held(ctl: ControlClient, mode: str) -> dict[str, Any]:
+    """Start a ``pivot: false`` job on disk "a", into its backing image or --to NEW."""
+    args = {"to": NEW} if mode == "to" else {}
+    return ctl.execute("consolidate", disk="a", pivot=False, **args)["job"]
+
+
 def start_writers(served: ServedDatastore, disk: LayeredDisk, **kw: object) -> Writers:
     seed = random.SystemRandom().randrange(2**32)
     return Writers(served.socket, disk.name, disk.initial, seed=seed, **kw).start()  # type: ignore[arg-type]
@@ -54,8 +62,7 @@ def assert_final(served: ServedDatastore, disk: LayeredDisk, oracle: bytes, chai
     top = ds.dir / chain[0]
     assert ds.catalog_top(disk.name) == top
     assert chain_of(top) == [(ds.dir / p).resolve() for p in chain]
-    check_images(chain_of(top))
-    compare_with(top, oracle, scratch)
+    check_chain(top, oracle, scratch)
     for rel in gone:
         assert not (ds.dir / rel).exists(), f"{rel} still exists"
     assert_no_orphans(ds)
@@ -72,8 +79,7 @@ def test_ready_stays_in_sync_until_complete(
     writers = start_writers(served, disk_a)
     try:
         writers.wait_acked(50)
-        args = {"to": NEW} if mode == "to" else {}
-        job = ctl.execute("consolidate", disk="a", pivot=False, **args)["job"]
+        job = consolidate_held(ctl, mode)
         ready = ctl.wait_job(job["id"], ("ready",))
         assert ready["state"] == "ready", ready
         assert ready["passes"] == 1 and ready["bytes_copied"] <= ready["copy_set_bytes"]
@@ -108,9 +114,8 @@ def test_cancel(request: pytest.FixtureRequest, serve_ds: Callable[..., ServedDa
     writers = start_writers(served, disk)
     try:
         writers.wait_acked(50)
-        args = {"to": NEW} if mode == "to" else {}
         for _attempt in range(3):     # the copy may win the race with job-cancel: again
-            job = ctl.execute("consolidate", disk="a", pivot=False, **args)["job"]
+            job = consolidate_held(ctl, mode)
             if when == "ready":
                 assert ctl.wait_job(job["id"], ("ready",))["state"] == "ready"
                 writers.wait_acked(100)
@@ -144,8 +149,7 @@ def test_sigterm_with_a_job_at_ready_cancels_it(
     writers = start_writers(served, disk_a)
     try:
         writers.wait_acked(50)
-        args = {"to": NEW} if mode == "to" else {}
-        job = ctl.execute("consolidate", disk="a", pivot=False, **args)["job"]
+        job = consolidate_held(ctl, mode)
         assert ctl.wait_job(job["id"], ("ready",))["state"] == "ready"
         writers.wait_acked(50)
     finally:

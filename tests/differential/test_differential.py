@@ -241,12 +241,32 @@ def apply(h: nbd.NBD, model: DiskModel, op: Op) -> None:
         raise AssertionError(op)
 
 
+def fresh_model(template: Template) -> DiskModel:
+    """The model of a fresh top over ``template``'s chain."""
+    return DiskModel(
+        template.initial, template.cluster_size, template.chain.top_layer.v3,
+        template.below_has_data,
+    )
+
+
+def check_with_qemu(top: Path, model: DiskModel) -> None:
+    """QEMU's word on the stopped top: ``qemu-img check`` is clean and ``qemu-img compare``
+    finds the model's bytes; then the top is removed."""
+    result = qemu_img.check(top)
+    assert result["corruptions"] == 0 and result["leaks"] == 0, result
+    raw = top.with_suffix(".expected")
+    raw.write_bytes(model.data)
+    qemu_img.compare(raw, top, fmt_a="raw", fmt_b="qcow2")
+    raw.unlink()
+    top.unlink()
+
+
 def run_sequence(
     template: Template, ops: list[Op], factory: ServerFactory, connections: int
 ) -> None:
     top = template.fresh_top()
     cs = template.cluster_size
-    model = DiskModel(template.initial, cs, template.chain.top_layer.v3, template.below_has_data)
+    model = fresh_model(template)
     try:
         served = factory(top)
         handles = [served.connect(meta=False) for _ in range(connections)]
@@ -266,13 +286,7 @@ def run_sequence(
         served.stop()
     finally:
         factory.close_all()
-    result = qemu_img.check(top)
-    assert result["corruptions"] == 0 and result["leaks"] == 0, result
-    raw = top.with_suffix(".expected")
-    raw.write_bytes(model.data)
-    qemu_img.compare(raw, top, fmt_a="raw", fmt_b="qcow2")
-    raw.unlink()
-    top.unlink()
+    check_with_qemu(top, model)
 
 
 def _run(
@@ -343,10 +357,7 @@ def run_pipelined(
 ) -> None:
     """Up to ``depth`` requests in flight (never two overlapping ones)."""
     top = template.fresh_top()
-    model = DiskModel(
-        template.initial, template.cluster_size, template.chain.top_layer.v3,
-        template.below_has_data,
-    )
+    model = fresh_model(template)
     try:
         served = factory(top)
         h = served.connect(meta=False)
@@ -365,13 +376,7 @@ def run_pipelined(
         served.stop()
     finally:
         factory.close_all()
-    result = qemu_img.check(top)
-    assert result["corruptions"] == 0 and result["leaks"] == 0, result
-    raw = top.with_suffix(".expected")
-    raw.write_bytes(model.data)
-    qemu_img.compare(raw, top, fmt_a="raw", fmt_b="qcow2")
-    raw.unlink()
-    top.unlink()
+    check_with_qemu(top, model)
 
 
 @pytest.mark.parametrize("name", ["v3-64k-on-compressed", "v2-64k-on-4k", "v3-4k-on-raw"])
