@@ -23,10 +23,11 @@ from vdisk import guest, machine, qemu_img
 
 @pytest.fixture(scope="session")
 def guest_image() -> guest.GuestImage:
-    if shutil.which(machine.binary()) is None:
-        pytest.skip(f"{machine.binary()} is not installed (package qemu-system-x86)")
-    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        pytest.skip("building the test guest needs a Debian host (apt-get, dpkg)")
+    # ci/install installs QEMU: its absence is a broken install, not a host limit
+    assert shutil.which(machine.binary()), \
+        f"{machine.binary()} is not installed (package qemu-system-x86; run ci/install)"
+    assert shutil.which("apt-get") and shutil.which("dpkg"), \
+        "building the test guest needs a Debian host (apt-get, dpkg), as the README says"
     return guest.build()
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nbd
+from diskmodel import merge
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -270,25 +271,3 @@ class Writers:
             cut = max((r.sent for r in self.records if r.kind == "flush" and r.acked is not None),
                       default=0)
         return self.view_at(cut)
-
-
-def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def gaps(unknown: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """The complement of sorted, merged spans within [0, size)."""
-    out, pos = [], 0
-    for lo, hi in unknown:
-        if lo > pos:
-            out.append((pos, lo))
-        pos = max(pos, hi)
-    if pos < size:
-        out.append((pos, size))
-    return out

@@ -35,7 +35,8 @@ from cons_datastore import (
     first_difference,
     read_export,
 )
-from cons_writers import Writers, gaps
+from cons_writers import Writers
+from diskmodel import gaps
 from nbdharness import EXAMPLES_RUN
 
 pytestmark = [pytest.mark.crash, pytest.mark.slow]

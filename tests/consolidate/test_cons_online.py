@@ -27,7 +27,8 @@ from cons_datastore import (
     raw_view,
     read_export,
 )
-from cons_writers import Writers, gaps
+from cons_writers import Writers
+from diskmodel import gaps
 
 from vdisk import qemu_img
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from diskmodel import DiskModel, Op, ranges_touched
+from diskmodel import DiskModel, Op, gaps, merge, ranges_touched
 from nbdharness import (
     EXAMPLES_RUN,
     AsyncStream,
@@ -142,27 +142,6 @@ def durable_state(
     return model, merge(unknown)
 
 
-def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def checked_gaps(unknown: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    gaps, pos = [], 0
-    for lo, hi in unknown:
-        if lo > pos:
-            gaps.append((pos, lo))
-        pos = max(pos, hi)
-    if pos < size:
-        gaps.append((pos, size))
-    return gaps
-
-
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_kill9(templates: dict[str, Template], trial: int, tmp_path_factory) -> None:
     seed = BASE_SEED * 1000 + trial
@@ -205,7 +184,7 @@ def test_kill9(templates: dict[str, Template], trial: int, tmp_path_factory) -> 
     assert result["corruptions"] == 0, f"{where}: {result}"
     after = qemu_view(top)
     model, unknown = durable_state(stream, template, cs, v3)
-    for lo, hi in checked_gaps(unknown, SIZE):
+    for lo, hi in gaps(unknown, SIZE):
         got, want = after[lo:hi], bytes(model.data[lo:hi])
         assert got == want, (
             f"{where}: durable data lost in [{lo}, {hi}) mode {mode}: {first_difference(got, want)}"

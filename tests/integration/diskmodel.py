@@ -95,3 +95,26 @@ def ranges_touched(op: Op) -> tuple[int, int] | None:
     if op.kind in ("write", "zero", "fastzero", "trim"):
         return (op.offset, op.end())
     return None
+
+
+def merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged (lo, hi) spans."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def gaps(unknown: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """The complement of sorted, merged spans within [0, size)."""
+    out, pos = [], 0
+    for lo, hi in unknown:
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < size:
+        out.append((pos, size))
+    return out
