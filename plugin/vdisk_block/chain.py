@@ -13,6 +13,7 @@ import os
 from .clustermap import MAX_LAYERS as MAX_DEPTH
 from .disk import Disk
 from .errors import ChainError, UnsupportedImage
+from .identity import check_link
 from .image import Qcow2File, RawFile, open_image
 
 
@@ -48,6 +49,9 @@ def open_chain(path: str, readonly: bool) -> list[Qcow2File | RawFile]:
                 raise UnsupportedImage(layers[-1].path, f"backing format {fmt!r}")
             f = open_image(current, fmt, writable=not readonly and not layers)
             layers.append(f)
+            if len(layers) > 1:
+                child = layers[-2]
+                check_link(child.path, child.identity, f.path, f.identity)
             if not f.backing_file:
                 return layers
             current, fmt = resolve_backing(current, f.backing_file), f.backing_format

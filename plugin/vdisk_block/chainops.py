@@ -43,7 +43,8 @@ def snapshot(disk: Disk, new_path: str, persist: Persist | None = None) -> None:
         disk.flush()
         old = top.f
         create_qcow2(new_path, disk.size, cluster_bits=old.cluster_bits,
-                     backing=relative_backing(new_path, old.path), backing_format="qcow2")
+                     backing=relative_backing(new_path, old.path), backing_format="qcow2",
+                     parent_id=top.identity_for_child())
         try:
             f = Qcow2File(new_path, writable=True)
             try:

@@ -9,7 +9,10 @@ Layout of the new file (cluster size cs):
 
 Every structure is written, then the file and its directory are fsynced, so
 the image exists whole or not at all from a crash's point of view: the file
-is created under a temporary name and renamed into place.
+is created under a temporary name and linked into place.
+
+Every image created here carries a content ID (identity.py); a child also
+records its parent's.
 """
 
 from __future__ import annotations
@@ -18,35 +21,63 @@ import os
 import struct
 
 from . import header as hdr
+from . import identity as ident
 from .errors import RequestError
 
+REFCOUNT_ORDER = 4
 
-def create_qcow2(path: str, size: int, *, cluster_bits: int = 16, backing: str | None = None,
-                 backing_format: str | None = None) -> None:
-    cs = 1 << cluster_bits
-    l1_entries = max(1, -(-size // (cs * (cs // 8))))
-    l1_clusters = -(-l1_entries * 8 // cs)
+
+def header_cluster(path: str, cs: int, size: int, *, l1_entries: int, l1_offset: int,
+                   refcount_table_offset: int, refcount_table_clusters: int,
+                   backing: str | None, backing_format: str | None,
+                   content_id: bytes | None, parent_id: bytes | None) -> bytes:
+    """Cluster 0 of a new image: v3 header, extensions, backing file name.
+
+    Without a content_id the image has no identity (it is "unknown").
+    """
     exts = b""
-    if backing_format:
-        name = backing_format.encode()
-        exts += struct.pack(">II", hdr.EXT_BACKING_FORMAT, len(name)) + \
-            name + bytes(-len(name) % 8)
+    if backing and backing_format:
+        exts += hdr.extension(hdr.EXT_BACKING_FORMAT, backing_format.encode())
+    if content_id is not None:
+        exts += ident.extension(content_id, parent_id)
     exts += struct.pack(">II", hdr.EXT_END, 0)
     backing_bytes = backing.encode() if backing else b""
     backing_offset = hdr.V3_HEADER_LENGTH + len(exts) if backing else 0
     if backing_offset + len(backing_bytes) > cs or len(backing_bytes) > hdr.MAX_BACKING_NAME:
         raise RequestError(path, "backing file name is too long")
     header = struct.pack(">4sIQIIQIIQQIIQQQQII", hdr.MAGIC, 3, backing_offset,
-                         len(backing_bytes), cluster_bits, size, 0, l1_entries, 3 * cs,
-                         cs, 1, 0, 0, 0, 0, 0, 4, hdr.V3_HEADER_LENGTH)
+                         len(backing_bytes), cs.bit_length() - 1, size, 0, l1_entries,
+                         l1_offset, refcount_table_offset, refcount_table_clusters, 0, 0,
+                         0, 0, ident.AUTOCLEAR_IDENTITY if content_id is not None else 0,
+                         REFCOUNT_ORDER,
+                         hdr.V3_HEADER_LENGTH)
     first = header + exts + backing_bytes
+    return first + bytes(cs - len(first))
+
+
+def l1_entries_for(size: int, cs: int) -> int:
+    return max(1, -(-size // (cs * (cs // 8))))
+
+
+def create_qcow2(path: str, size: int, *, cluster_bits: int = 16, backing: str | None = None,
+                 backing_format: str | None = None, parent_id: bytes | None = None,
+                 content_id: bytes | None = None) -> bytes:
+    """Create the image; returns its content ID."""
+    cs = 1 << cluster_bits
+    l1_entries = l1_entries_for(size, cs)
+    l1_clusters = -(-l1_entries * 8 // cs)
+    content_id = content_id or ident.new_id()
+    first = header_cluster(path, cs, size, l1_entries=l1_entries, l1_offset=3 * cs,
+                           refcount_table_offset=cs, refcount_table_clusters=1,
+                           backing=backing, backing_format=backing_format,
+                           content_id=content_id, parent_id=parent_id)
     nclusters = 3 + l1_clusters
     table = struct.pack(">Q", 2 * cs)
     block = struct.pack(f">{nclusters}H", *([1] * nclusters))
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.creating")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
-        os.pwrite(fd, first + bytes(cs - len(first)), 0)
+        os.pwrite(fd, first, 0)
         os.pwrite(fd, table + bytes(cs - len(table)), cs)
         os.pwrite(fd, block + bytes(cs - len(block)), 2 * cs)
         os.ftruncate(fd, nclusters * cs)
@@ -55,7 +86,12 @@ def create_qcow2(path: str, size: int, *, cluster_bits: int = 16, backing: str |
     finally:
         os.close(fd)
         os.unlink(tmp)
-    dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    fsync_dir(os.path.dirname(path) or ".")
+    return content_id
+
+
+def fsync_dir(directory: str) -> None:
+    dirfd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dirfd)
     finally:

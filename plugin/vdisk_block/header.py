@@ -45,11 +45,13 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_ENCRYPTION = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+EXT_VDISK_IDENTITY = 0x76644944  # 'vdID': docs/content-id.md
 
 # byte offsets of fields the driver rewrites
 OFF_REFCOUNT_TABLE = 48          # u64 offset + u32 clusters at 56
 OFF_INCOMPATIBLE = 72
 OFF_AUTOCLEAR = 88
+OFF_BACKING_FILE = 8             # u64 offset + u32 size at 16
 
 _V2 = struct.Struct(">4sIQIIQIIQQIIQ")
 _V3 = struct.Struct(">QQQII")
@@ -78,6 +80,8 @@ class Header:
     backing_file: str | None = None
     backing_format: str | None = None
     extensions: dict[int, bytes] = field(default_factory=dict)
+    ext_offsets: dict[int, int] = field(default_factory=dict)   # where each one's data is
+    ext_end: int = 0                    # just past the end-of-extensions marker
 
     @property
     def cluster_size(self) -> int:
@@ -191,6 +195,7 @@ def _parse_extensions(fd: int, h: Header, path: str, start: int) -> None:
         ext_type, length = struct.unpack_from(">II", raw, off)
         off += 8
         if ext_type == EXT_END:
+            h.ext_end = off
             return
         end = off + length
         if end > len(raw):
@@ -203,6 +208,7 @@ def _parse_extensions(fd: int, h: Header, path: str, start: int) -> None:
         if ext_type == EXT_BACKING_FORMAT:
             h.backing_format = data.decode("ascii", "replace")
         h.extensions[ext_type] = data
+        h.ext_offsets[ext_type] = off
         off = (end + 7) & ~7
 
 
@@ -213,3 +219,8 @@ def write_u64(fd: int, offset: int, value: int) -> None:
 def write_refcount_table_location(fd: int, offset: int, clusters: int) -> None:
     """Point the header at a (new) refcount table: one 12-byte write."""
     os.pwrite(fd, struct.pack(">QI", offset, clusters), OFF_REFCOUNT_TABLE)
+
+
+def extension(ext_type: int, data: bytes) -> bytes:
+    """One header extension as it is stored: type, length, data padded to 8 bytes."""
+    return struct.pack(">II", ext_type, len(data)) + data + bytes(-len(data) % 8)

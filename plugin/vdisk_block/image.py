@@ -21,6 +21,7 @@ from array import array
 from collections.abc import Iterator
 
 from . import header as hdr
+from . import identity as ident
 from . import locking
 from .errors import MalformedImage, UnsupportedImage
 
@@ -39,6 +40,8 @@ class RawFile:
     backing_file: str | None = None
     backing_format: str | None = None
     cluster_size = 0
+    writable = False
+    identity = ident.Identity(ident.UNSUPPORTED, reason="raw image")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -63,6 +66,7 @@ class Qcow2File:
 
     def __init__(self, path: str, writable: bool) -> None:
         self.path = path
+        self.writable = writable
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         self.fd = os.open(path, flags)
         try:
@@ -81,6 +85,7 @@ class Qcow2File:
         self.cluster_bits = h.cluster_bits
         self.backing_file = h.backing_file
         self.backing_format = h.backing_format
+        self.identity = ident.of_header(h)
         self._csize_shift = 62 - (h.cluster_bits - 8)
         self._csize_mask = (1 << (h.cluster_bits - 8)) - 1
         self._coff_mask = (1 << self._csize_shift) - 1

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from . import identity as ident
 from . import locking
 from .chainops import Persist, adopt, relative_backing
 from .create import create_qcow2
@@ -160,7 +161,8 @@ class MirrorJob:
             assert isinstance(old_top, Qcow2File)
             create_qcow2(self.new_path, disk.size, cluster_bits=old_top.cluster_bits,
                          backing=relative_backing(self.new_path, backing.path) if backing else None,
-                         backing_format=backing.fmt if backing else None)
+                         backing_format=backing.fmt if backing else None,
+                         parent_id=backing.identity.content_id if backing else None)
             try:
                 return _disk_over(Qcow2File(self.new_path, writable=True), lower)
             except BaseException:
@@ -172,10 +174,24 @@ class MirrorJob:
         # our own read lock must not stop our own writer; others still cannot write
         locking.lock_image(orig.fd, orig.path, locking.PERM_CONSISTENT_READ, locking.PERM_ALL)
         try:
-            return _disk_over(Qcow2File(orig.path, writable=True), lower)
+            target = _disk_over(Qcow2File(orig.path, writable=True), lower)
         except BaseException:
             locking.lock_for_read(orig.fd, orig.path)
             raise
+        try:
+            # the target's data changes from now on: a fresh content ID first,
+            # then the image above it records that ID, since the chain still
+            # reads the same through it (after a crash between the two, the
+            # service's recovery records it)
+            assert target.top is not None
+            target.top.refresh_identity()
+            orig.identity = target.top.f.identity
+            ident.set_parent(disk.layers[self.collapse - 1], orig.identity.content_id)
+        except BaseException:
+            target.layers[0].close()
+            locking.lock_for_read(orig.fd, orig.path)
+            raise
+        return target
 
     # -- copy and mirror ------------------------------------------------------
 

@@ -27,7 +27,8 @@ from .catalog import FINAL_STATES, Catalog, CatalogError
 from .chain import chain_paths, open_disk
 from .chainops import snapshot
 from .disk import Disk
-from .errors import RequestError
+from .errors import ImageError, RequestError
+from .identity import rebind
 from .mirror import MirrorJob, State
 
 Event = dict[str, Any]
@@ -323,6 +324,22 @@ class DatastoreService:
             else:
                 self.catalog.update_job(row["id"], state="interrupted",
                                         error="the server stopped while the job ran")
+                if not row["new_image"]:
+                    self._rebind_target(row)
+
+    def _rebind_target(self, row: dict[str, Any]) -> None:
+        """An interrupted job into an image of the chain may have died between
+        giving the target a fresh content ID and recording it in the image
+        above (mirror.py): record it, the chain reads the same through it."""
+        chain = chain_paths(self.catalog.abspath(self.catalog.disk(row["disk"])["top"]))
+        target = os.path.realpath(self.catalog.abspath(row["target"]))
+        real = [os.path.realpath(p) for p in chain]
+        if target in real[1:]:
+            i = real.index(target)
+            try:
+                rebind(chain[i - 1], chain[i])
+            except ImageError:
+                pass        # opening the disk reports what is wrong
 
 
 class CommandNotFound(CatalogError):

@@ -12,11 +12,10 @@ import struct
 from array import array
 
 from . import header as hdr
+from . import identity as ident
 from .errors import MalformedImage, UnsupportedImage
 from .image import COMPRESSED, COPIED, OFFSET_MASK, Qcow2File
 from .refcounts import Refcounts
-
-AUTOCLEAR_BITMAPS = 1 << 0
 
 
 class TopImage:
@@ -41,7 +40,7 @@ class TopImage:
         self.dirty_l1: set[int] = set()
         self.data_dirty = False
         self.refcounts = Refcounts(f.fd, f.path, h, f.file_size)
-        self._autoclear_pending = h.version >= 3 and bool(h.autoclear)
+        self._fresh_id_pending = True
         for l1_index, _off, l2 in f.l2_tables():
             self.l2[l1_index] = l2
         self._check_references()
@@ -112,12 +111,38 @@ class TopImage:
             rc.free_later((entry & OFFSET_MASK) // self.cs)
 
     def begin_write(self) -> None:
-        """Before the first change: like QEMU, a writer that does not maintain an
-        autoclear feature (dirty bitmaps, ...) clears its bit."""
-        if self._autoclear_pending:
-            hdr.write_u64(self.fd, hdr.OFF_AUTOCLEAR, 0)
-            os.fdatasync(self.fd)
-            self._autoclear_pending = False
+        """Before the first change of data after open: a fresh content ID."""
+        if self._fresh_id_pending:
+            self.refresh_identity()
+
+    def refresh_identity(self) -> None:
+        """Give the image a fresh content ID, durably, keeping its recorded parent.
+
+        Like QEMU, a writer that does not maintain an autoclear feature (dirty
+        bitmaps, ...) clears its bit; vdisk's own identity bit is set. An image
+        that cannot carry an ID (no room left in its header cluster) is left
+        with an unknown identity; a v2 image has no autoclear bits at all.
+        """
+        f, h = self.f, self.f.header
+        if h.version >= 3:
+            parent = f.identity.parent_id if f.identity.valid else None
+            try:
+                f.identity = ident.write(self.fd, self.path, h, ident.new_id(), parent,
+                                         autoclear=0)
+            except UnsupportedImage:
+                if h.autoclear:
+                    hdr.write_u64(self.fd, hdr.OFF_AUTOCLEAR, 0)
+                    os.fdatasync(self.fd)
+                    h.autoclear = 0
+                f.identity = ident.of_header(h)
+        self._fresh_id_pending = False
+
+    def identity_for_child(self) -> bytes | None:
+        """The content ID a child created now records: the current one, or a
+        fresh one for an image whose identity is unknown (its data is ours)."""
+        if not self.f.identity.valid:
+            self.refresh_identity()
+        return self.f.identity.content_id
 
     # -- flush ----------------------------------------------------------------
 
