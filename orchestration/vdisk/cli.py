@@ -7,12 +7,15 @@
     vdisk consolidate DISK -d DIR [--into IMAGE | --to NEWFILE] [--no-pivot]
     vdisk job list|show|complete|cancel|resume ... -d DIR
     vdisk backup DISK --to FILE -d DIR
+    vdisk info IMAGE;  vdisk identity stamp IMAGE
+    vdisk replicate (DISK -d DIR | IMAGE) --to TARGET_DIR [--name NAME] [--verify]
 
 Human output by default, one JSON object on stdout with ``--json``. Exit
 code 0 on success; otherwise one line ``vdisk: error: REASON`` on stderr and
 exit code 1 (2 for a bad command line, 130 when interrupted). The commands
 live in ``cli_disk`` (datastores and disks), ``cli_serve`` and ``cli_jobs``
-(snapshot, consolidation, jobs, backup).
+(snapshot, consolidation, jobs, backup) and ``cli_replicate`` (content
+identity, replication).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 from collections.abc import Sequence
 
 # blockpath makes vdisk_block (the block engine beside the plugin) importable
-from . import __version__, blockpath, cli_disk, cli_jobs, cli_serve  # noqa: F401
+from . import __version__, blockpath, cli_disk, cli_jobs, cli_replicate, cli_serve  # noqa: F401
 from .cli_common import EXIT_USAGE, Parser, UsageError, one_line
 from .errors import Error
 
@@ -41,6 +44,7 @@ def build_parser() -> Parser:
     cli_disk.add_parsers(sub)
     cli_serve.add_parsers(sub)
     cli_jobs.add_parsers(sub)
+    cli_replicate.add_parsers(sub)
     return parser
 
 

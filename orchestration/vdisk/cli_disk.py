@@ -23,6 +23,7 @@ from .cli_common import (
     datastore_dir,
     datastore_options,
     emit,
+    image_arg,
     output_options,
     parse_size,
     service,
@@ -43,9 +44,15 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("disk", help="create, import, list, show and remove disks")
     dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    p = dsub.add_parser("create", parents=[out, ds], help="create an empty disk")
+    p = dsub.add_parser("create", parents=[out, ds],
+                        help="create an empty disk, or a linked clone of a frozen image")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--size", required=True, type=parse_size, help="virtual size: 10G, 512M...")
+    p.add_argument("--size", type=parse_size,
+                   help="virtual size: 10G, 512M... (required without --backing; with it, "
+                        "default the backing image's size)")
+    p.add_argument("--backing", metavar="IMAGE",
+                   help="a linked clone: the new disk's chain continues this image of the "
+                        "datastore, which must be frozen (no disk's top)")
     p.set_defaults(func=cmd_disk_create)
 
     p = dsub.add_parser("import", parents=[out, ds],
@@ -121,38 +128,68 @@ def cmd_datastore_init(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_create(args: argparse.Namespace) -> int:
+    from vdisk_block.chainops import relative_backing
+    from vdisk_block.create import create_qcow2
+
     with catalog(args) as c:
         check_new_disk(c, args.name)
+        backing = _frozen_image(c, args.backing) if args.backing else None
+        size = args.size
+        if backing is not None:
+            if size is None:
+                size = backing.size
+            elif size < backing.size:
+                raise CliError(f"--size {size} is smaller than {args.backing} "
+                               f"({backing.size} bytes)")
+        elif size is None:
+            raise CliError("--size is required (or --backing IMAGE for a linked clone)")
         rel = c.new_image_path(args.name)
         path = c.abspath(rel)
-        tmp = temp_name(path)
         try:
-            qemu_img.create(tmp, "qcow2", args.size)
-            os.rename(tmp, path)
-        except BaseException:
-            _unlink([tmp])
-            raise
+            create_qcow2(path, size,
+                         backing=relative_backing(path, backing.path) if backing else None,
+                         backing_format="qcow2" if backing else None,
+                         parent_id=backing.identity.content_id if backing else None)
+        finally:
+            if backing is not None:
+                backing.close()
         try:
             c.add_disk(args.name, rel)
         except BaseException:
             _unlink([path])
             raise
-    emit(args, {"disk": args.name, "top": rel, "size": args.size},
-         f"created disk {args.name} ({human_bytes(args.size)}): {rel}")
+    out = {"disk": args.name, "top": rel, "size": size,
+           "backing": c.relpath(backing.path) if backing else None}
+    text = f"created disk {args.name} ({human_bytes(size)}): {rel}"
+    if backing is not None:
+        text += f", a linked clone of {out['backing']}"
+    emit(args, out, text)
     return 0
 
 
-def _layer_names(c: Any, name: str, count: int) -> list[str]:
-    """``count`` fresh image names for a disk (relative to the datastore), base last."""
-    first = c.new_image_path(name)              # images/NAME-STAMP-N.qcow2
-    stem, n = first[: -len(".qcow2")].rsplit("-", 1)
-    names, k = [], int(n)
-    while len(names) < count:
-        candidate = f"{stem}-{k}.qcow2"
-        if not os.path.exists(c.abspath(candidate)):
-            names.append(candidate)
-        k += 1
-    return names
+def _frozen_image(c: Any, name: str) -> Any:
+    """The image a linked clone continues, opened read-only (the caller closes it):
+    a qcow2 image of the datastore with a valid content ID that no disk writes."""
+    from vdisk_block.chain import open_chain
+
+    given = image_arg(c.dir, name)
+    path = os.path.realpath(given if os.path.isabs(given) else c.abspath(given))
+    if not os.path.exists(path):
+        raise CliError(f"{name}: no such image")
+    c.relpath(path)                             # inside the datastore, or an error
+    for disk in c.disks():
+        if os.path.realpath(c.abspath(disk["top"])) == path:
+            raise CliError(f"{name} is the top of disk {disk['name']!r}: snapshot it first, "
+                           "a linked clone needs a frozen image")
+    layers = open_chain(path, readonly=True)    # refuses a modified parent
+    for f in layers[1:]:
+        f.close()
+    f = layers[0]
+    if f.fmt != "qcow2" or not f.identity.valid:
+        f.close()
+        raise CliError(f"{name} has no valid content ID ({f.identity.reason}); "
+                       f"give it one with 'vdisk identity stamp {name}' first")
+    return f
 
 
 def cmd_disk_import(args: argparse.Namespace) -> int:
@@ -163,7 +200,7 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
     with catalog(args) as c:
         check_new_disk(c, args.name)
         count = 1 if args.flatten else len(chain)
-        finals = [c.abspath(n) for n in _layer_names(c, args.name, count)]
+        finals = [c.abspath(n) for n in c.new_image_paths(args.name, count)]
         temps = [temp_name(p) for p in finals]
         try:
             if args.flatten:
@@ -171,6 +208,7 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
                               source, temps[0]])
             else:
                 _copy_layers(chain, temps, finals)
+            _stamp(temps)
             for i in reversed(range(count)):        # base first: a renamed image's
                 os.rename(temps[i], finals[i])      # backing file is always in place
         except BaseException:
@@ -190,6 +228,16 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
          f"imported {args.file} as disk {args.name} ({human_bytes(size)}, "
          f"{len(images)} image{'s' if len(images) != 1 else ''}): {top}")
     return 0
+
+
+def _stamp(paths: list[str]) -> None:
+    """Give imported images (top first) fresh content IDs, each child recording its
+    parent's: the copies are new images of this datastore."""
+    from vdisk_block import identity
+
+    parent = None
+    for path in reversed(paths):
+        parent = identity.write_path(path, identity.new_id(), parent).content_id
 
 
 def _copy_layers(chain: list[dict[str, Any]], temps: list[str], finals: list[str]) -> None:

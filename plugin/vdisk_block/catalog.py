@@ -1,4 +1,5 @@
-"""A datastore's catalog: disks (name -> top image) and the job journal.
+"""A datastore's catalog: disks (name -> top image), the job journal, and an
+index of the images' content identities.
 
 One SQLite database, DIR/vdisk.db, in WAL mode with synchronous=FULL: every
 change of a disk's top is one transaction, durable when it returns. Image
@@ -49,6 +50,25 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 
+# What a scan of DIR/images learned from each file's header, keyed by what
+# notices a change of the file (inode, size, mtime, ctime): a later scan reads
+# only the headers of files that changed. Matching re-reads the one header it
+# is about to trust, so the index only ever narrows the search.
+_IMAGES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    path TEXT PRIMARY KEY,
+    stamp TEXT NOT NULL,
+    state TEXT NOT NULL,
+    content_id TEXT,
+    parent_id TEXT,
+    virtual_size INTEGER,
+    backing TEXT
+);
+CREATE INDEX IF NOT EXISTS images_by_content ON images (content_id);
+"""
+
+PARTIAL_SUFFIX = ".partial"     # an image being written: never indexed, never matched
+
 FINAL_STATES = ("done", "cancelled", "failed")
 
 
@@ -65,6 +85,7 @@ class Catalog:
                                "create one with 'vdisk datastore init'")
         self._db = self._connect(db)
         self._lock = threading.RLock()     # one connection, shared by the service's threads
+        self.last_scan: dict[str, int] = {}
 
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
@@ -111,11 +132,21 @@ class Catalog:
 
     def new_image_path(self, disk: str) -> str:
         """A fresh image name for a disk, relative to the datastore."""
+        return self.new_image_paths(disk, 1)[0]
+
+    def new_image_paths(self, disk: str, count: int) -> list[str]:
+        """``count`` distinct fresh image names (relative), none of which exists yet
+        (nor as an image being written, ``.NAME.partial``)."""
         base = os.path.join(IMAGES, f"{disk}-{time.strftime('%Y%m%dT%H%M%S')}")
+        names: list[str] = []
         n = 0
-        while os.path.exists(self.abspath(f"{base}-{n}.qcow2")):
+        while len(names) < count:
+            rel = f"{base}-{n}.qcow2"
+            if not os.path.exists(self.abspath(rel)) and \
+                    not os.path.exists(self.abspath(partial_name(rel))):
+                names.append(rel)
             n += 1
-        return f"{base}-{n}.qcow2"
+        return names
 
     # -- meta -----------------------------------------------------------------------
 
@@ -221,3 +252,75 @@ class Catalog:
             if j["state"] not in FINAL_STATES:
                 return j
         return None
+
+    # -- image index ----------------------------------------------------------------------
+
+    def _images_table(self) -> None:
+        with self._lock:
+            self._db.executescript(_IMAGES_SCHEMA)
+
+    def scan_images(self) -> dict[str, dict[str, Any]]:
+        """The index of DIR/images, brought up to date: {relative path: row}.
+
+        Reads the header of a file only when the index has no row for it or
+        its stamp (inode, size, mtime, ctime) changed; rows of vanished files
+        go. ``last_scan`` counts files seen and headers read.
+        """
+        from .identity import read as read_identity
+
+        self._images_table()
+        known = {r["path"]: dict(r) for r in self._db.execute("SELECT * FROM images")}
+        seen: dict[str, dict[str, Any]] = {}
+        changed: list[dict[str, Any]] = []
+        top = os.path.join(self.dir, IMAGES)
+        with os.scandir(top) if os.path.isdir(top) else _no_entries() as it:
+            for entry in it:
+                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                rel = os.path.join(IMAGES, entry.name)
+                stamp = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+                row = known.get(rel)
+                if row is None or row["stamp"] != stamp:
+                    row = {"path": rel, "stamp": stamp, "state": "unreadable",
+                           "content_id": None, "parent_id": None, "virtual_size": None,
+                           "backing": None}
+                    try:
+                        h, ident = read_identity(entry.path)
+                    except (OSError, ImageError) as e:
+                        row["state"] = f"unreadable: {e}"
+                    else:
+                        d = ident.describe()
+                        row.update(state=ident.state, content_id=d["content_id"],
+                                   parent_id=d["parent_id"],
+                                   virtual_size=h.size if h else os.path.getsize(entry.path),
+                                   backing=h.backing_file if h else None)
+                    changed.append(row)
+                seen[rel] = row
+        gone = [p for p in known if p not in seen]
+        if changed or gone:
+            with self.transaction() as db:
+                db.executemany("INSERT OR REPLACE INTO images VALUES (:path, :stamp, :state, "
+                               ":content_id, :parent_id, :virtual_size, :backing)", changed)
+                db.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
+        self.last_scan = {"files": len(seen), "read": len(changed)}
+        return seen
+
+    def images_with(self, content_id: str, virtual_size: int) -> list[str]:
+        """Indexed images (relative paths) said to have this valid content ID and size."""
+        self._images_table()
+        rows = self._db.execute("SELECT path FROM images WHERE content_id = ? AND state = "
+                                "'valid' AND virtual_size = ? ORDER BY path",
+                                (content_id, virtual_size))
+        return [r["path"] for r in rows]
+
+
+def partial_name(rel: str) -> str:
+    """Where an image is written before it becomes visible under ``rel``."""
+    head, tail = os.path.split(rel)
+    return os.path.join(head, f".{tail}{PARTIAL_SUFFIX}")
+
+
+@contextmanager
+def _no_entries() -> Iterator[list[os.DirEntry[str]]]:
+    yield []

@@ -1,0 +1,179 @@
+"""``vdisk info IMAGE``, ``vdisk identity stamp IMAGE`` and ``vdisk replicate``.
+
+Content identity (docs/content-id.md) and the reconstruction of a chain on a
+second datastore (docs/replicate.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from . import blockpath  # noqa: F401  (makes vdisk_block importable)
+from .cli_common import (
+    CliError,
+    control_options,
+    datastore_dir,
+    emit,
+    output_options,
+    service,
+)
+from .control import is_served
+from .progress import ProgressBar, human_bytes, human_duration
+
+
+def add_parsers(sub: Any) -> None:
+    out, ctl = output_options(), control_options()
+
+    p = sub.add_parser("info", parents=[out],
+                       help="show an image's chain with content IDs and their validity")
+    p.add_argument("image", metavar="IMAGE")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("identity", help="content identity of images")
+    isub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = isub.add_parser("stamp", parents=[out],
+                        help="give an image whose identity is unknown a fresh content ID")
+    p.add_argument("image", metavar="IMAGE")
+    p.set_defaults(func=cmd_identity_stamp)
+
+    p = sub.add_parser("replicate", parents=[out, ctl],
+                       help="recreate a disk's chain on another datastore, copying only "
+                            "the layers it does not have yet")
+    p.add_argument("source", metavar="DISK|IMAGE",
+                   help="a disk of the datastore given with -d, or else an image file")
+    p.add_argument("-d", "--datastore", metavar="DIR",
+                   help="the source datastore (SOURCE is then a disk name)")
+    p.add_argument("--to", required=True, metavar="TARGET_DIR",
+                   help="the target datastore (created when missing or empty)")
+    p.add_argument("--name", metavar="NAME",
+                   help="the disk's name on the target (default: the same name)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare every target image with its source (qemu-img compare)")
+    p.set_defaults(func=cmd_replicate)
+
+
+# --- info ----------------------------------------------------------------------------------
+
+
+def chain_identity(top: str) -> list[dict[str, Any]]:
+    """Each image of the chain (top first) with its identity and whether the image
+    above it recorded this image's current content ID."""
+    from vdisk_block import identity
+    from vdisk_block.chain import chain_paths
+
+    layers: list[dict[str, Any]] = []
+    above: Any = None
+    for path in chain_paths(top):
+        h, ident = identity.read(path)
+        layer = {"image": path, "format": "qcow2" if h else "raw",
+                 "virtual_size": h.size if h else os.path.getsize(path),
+                 "backing": h.backing_file if h else None, **ident.describe(),
+                 "link": None}
+        if above is not None:
+            why = identity.parent_mismatch(above, ident)
+            layers[-1]["link"] = ("not recorded" if not above.valid or above.parent_id is None
+                                  else "ok" if why is None else f"parent modified: {why}")
+        layers.append(layer)
+        above = ident
+    return layers
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.image):
+        raise CliError(f"{args.image}: no such image")
+    layers = chain_identity(args.image)
+    lines = [f"chain of {os.path.abspath(args.image)} (top first):"]
+    for i, layer in enumerate(layers):
+        lines.append(f"{'  ' * i}{layer['image']}")
+        pad = "  " * i + "    "
+        lines.append(f"{pad}format {layer['format']}, {human_bytes(layer['virtual_size'])}")
+        if layer["state"] == "valid":
+            lines.append(f"{pad}content ID {layer['content_id']} (valid)")
+        else:
+            lines.append(f"{pad}content ID: identity {layer['state']}: {layer['reason']}")
+        if layer["backing"] is not None:
+            lines.append(f"{pad}parent ID  {layer['parent_id'] or '-'} ({layer['link']})")
+    emit(args, {"image": os.path.abspath(args.image), "chain": layers}, "\n".join(lines))
+    return 0
+
+
+# --- identity stamp ----------------------------------------------------------------------------
+
+
+def cmd_identity_stamp(args: argparse.Namespace) -> int:
+    from vdisk_block import identity
+    from vdisk_block.chain import chain_paths
+
+    path = os.path.abspath(args.image)
+    if not os.path.exists(path):
+        raise CliError(f"{args.image}: no such image")
+    h, ident = identity.read(path)
+    if h is None:
+        raise CliError(f"{args.image} is a raw image: it cannot carry a content ID")
+    if ident.valid:
+        raise CliError(f"{args.image} already has a valid content ID "
+                       f"{identity.format_id(ident.content_id)}")
+    parent_id = None
+    chain = chain_paths(path)
+    if len(chain) > 1:
+        _hp, parent = identity.read(chain[1])
+        parent_id = parent.content_id if parent.valid else None
+    new = identity.write_path(path, identity.new_id(), parent_id)
+    out = {"image": path, **new.describe()}
+    text = f"stamped {args.image}: content ID {out['content_id']}"
+    if len(chain) > 1:
+        text += (f", parent ID {out['parent_id']}" if parent_id else
+                 f", no parent ID (the identity of {chain[1]} is unknown)")
+    emit(args, out, text)
+    return 0
+
+
+# --- replicate ----------------------------------------------------------------------------------
+
+
+def cmd_replicate(args: argparse.Namespace) -> int:
+    from . import replicate
+
+    bar = ProgressBar("replicate", 0, enabled=not args.json)
+
+    def progress(done: int, total: int, label: str) -> None:
+        bar.update(done, total, label=f"copy {label}")
+
+    snap = None
+    with bar:
+        if args.datastore is None:
+            if args.name is not None:
+                raise CliError("--name needs a disk (-d DIR DISK)")
+            if not os.path.exists(args.source):
+                raise CliError(f"{args.source}: no such image")
+            result = replicate.replicate(args.source, args.to, verify=args.verify,
+                                         progress=progress)
+        else:
+            directory = datastore_dir(args)
+            if os.path.realpath(directory) == os.path.realpath(args.to):
+                raise CliError("the target datastore is the source datastore")
+            with service(args) as svc:
+                disk = svc.execute("query-disks", {"disk": args.source})["disks"][0]
+                top = os.path.join(directory, disk["top"])
+                if is_served(svc):
+                    # the copied top must not change while it is read: freeze it
+                    snap = svc.execute("snapshot", {"disk": args.source})
+                    top = os.path.join(directory, snap["frozen"])
+            result = replicate.replicate(top, args.to, disk=args.name or args.source,
+                                         verify=args.verify, progress=progress)
+    result["snapshot"] = snap
+    lines = []
+    for layer in result["layers"]:
+        what = (f"copied  {human_bytes(layer['bytes_moved']):>10}" if layer["action"] == "copied"
+                else f"linked  {'':>10}")
+        lines.append(f"  {what}  {layer['image']}  <- {layer['source']}"
+                     f"{'  (verified)' if layer['verified'] else ''}")
+    head = (f"replicated {args.source} to {result['target']}: {result['copied']} copied, "
+            f"{result['linked']} linked, {human_bytes(result['bytes_moved'])} moved in "
+            f"{human_duration(result['duration_s'])}")
+    if result["disk"]:
+        head += f"\ndisk {result['disk']} on the target: top {result['top']}"
+    emit(args, result, "\n".join([head, *lines]))
+    return 0

@@ -1,0 +1,254 @@
+"""Reconstruct a chain on a second datastore by content IDs (docs/replicate.md).
+
+For a chain top -> ... -> base and a target datastore: the top is copied; for
+each parent, an image of the target with a valid, equal content ID and the
+same virtual size is looked for; if there is one, the copy below links to it
+and the walk stops, else the parent is copied too and the walk goes on.
+
+Copies move only the layer's own clusters (vdisk_block.layercopy) and keep
+its content identity. They are written bottom-up under a temporary name
+(``images/.NAME.partial``, which the index never reads), synced, and renamed
+into place only when complete: an image the target shows is always whole,
+and so is its backing file, so an interrupted run leaves nothing a later run
+could wrongly link to. One replicate at a time writes into a target (a lock
+file); each run first removes what an interrupted one left behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import qemu_img
+from .errors import ContentMismatch, Error
+
+LOCK_NAME = ".replicate.lock"
+LOCK_TIMEOUT_S = 60.0
+
+Progress = Callable[[int, int, str], None]      # done bytes, total bytes, label
+
+
+class ReplicateError(Error):
+    msg = "{self.reason}"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass
+class Layer:
+    source: str                 # the source image (absolute path)
+    image: str                  # the target image, relative to the target datastore
+    action: str                 # "copied" or "linked"
+    bytes_moved: int
+    content_id: str | None
+    identity: str               # valid, unknown or unsupported
+    verified: bool | None = None
+
+
+def open_target(directory: str) -> Any:
+    """The target datastore's catalog; a missing or empty directory becomes one."""
+    from vdisk_block.catalog import DB_NAME, Catalog
+
+    directory = os.path.abspath(directory)
+    if os.path.exists(os.path.join(directory, DB_NAME)):
+        return Catalog(directory)
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise ReplicateError(f"{directory} is not a vdisk datastore (and not an empty "
+                             "directory); create one with 'vdisk datastore init'")
+    os.makedirs(directory, exist_ok=True)
+    return Catalog.init(directory)
+
+
+@contextmanager
+def _target_lock(directory: str) -> Iterator[None]:
+    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o644)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ReplicateError(f"{directory}: another replicate has been writing "
+                                         f"into it for {LOCK_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_partials(catalog: Any) -> list[str]:
+    from vdisk_block.catalog import IMAGES, PARTIAL_SUFFIX
+
+    removed = []
+    top = catalog.abspath(IMAGES)
+    for name in os.listdir(top):
+        if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+            os.unlink(os.path.join(top, name))
+            removed.append(name)
+    return removed
+
+
+def find_match(catalog: Any, f: Any, exclude: set[str]) -> str | None:
+    """An image of the target that may stand for layer f: same valid content ID,
+    same virtual size, and not a disk's (writable) top. The index proposes; the
+    image's own header, read now, decides."""
+    from vdisk_block import identity
+
+    if not f.identity.valid:
+        return None
+    for rel in catalog.images_with(identity.format_id(f.identity.content_id), f.size):
+        path = catalog.abspath(rel)
+        if os.path.realpath(path) in exclude:
+            continue
+        try:
+            h, ident = identity.read(path)
+        except (OSError, Error):
+            continue
+        if h is not None and ident.valid and ident.content_id == f.identity.content_id \
+                and h.size == f.size:
+            return rel
+    return None
+
+
+def replicate(source_top: str, target_dir: str, *, disk: str | None = None,
+              verify: bool = False,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Replicate the chain whose top is source_top (frozen or not written meanwhile:
+    every image is read-locked while it is read) into target_dir; with ``disk``,
+    the target gets a disk of that name: a new empty top on the copied chain."""
+    from vdisk_block import identity, layercopy
+    from vdisk_block.catalog import partial_name
+    from vdisk_block.chain import open_chain
+    from vdisk_block.create import create_qcow2, fsync_dir
+
+    t0 = time.monotonic()
+    catalog = open_target(target_dir)
+    try:
+        with _target_lock(catalog.dir):
+            _remove_partials(catalog)
+            if disk is not None and any(r["name"] == disk for r in catalog.disks()):
+                raise ReplicateError(f"disk {disk!r} already exists on {catalog.dir}")
+            layers = open_chain(source_top, readonly=True)   # refuses a modified parent
+            try:
+                for f in layers:
+                    if f.fmt != "qcow2":
+                        raise ReplicateError(f"{f.path}: only qcow2 images can be "
+                                             f"replicated, not {f.fmt}")
+                catalog.scan_images()
+                tops = {os.path.realpath(catalog.abspath(r["top"])) for r in catalog.disks()}
+                plan: list[tuple[Any, str | None]] = []     # (layer, image it links to)
+                for i, f in enumerate(layers):
+                    match = find_match(catalog, f, tops) if i > 0 else None
+                    plan.append((f, match))
+                    if match is not None:
+                        break
+                copies = [f for f, match in plan if match is None]
+                names = _target_names(catalog, copies)
+                total = sum(layercopy.plan_bytes(f.path) for f in copies)
+                done = 0
+                below = plan[-1][1]                  # what the deepest copy links to
+                results: list[Layer] = []
+                if below is not None:
+                    f = plan[-1][0]
+                    results.append(Layer(f.path, below, "linked", 0,
+                                         identity.format_id(f.identity.content_id),
+                                         f.identity.state))
+                for f, rel in reversed(list(zip(copies, names, strict=True))):
+                    tmp = catalog.abspath(partial_name(rel))
+                    label = os.path.basename(f.path)
+
+                    def step(n: int, label: str = label) -> None:
+                        nonlocal done
+                        done += n
+                        if progress is not None:
+                            progress(done, total, label)
+
+                    backing = os.path.basename(below) if below else None
+                    res = layercopy.copy_layer(f.path, tmp, backing=backing,
+                                               backing_format="qcow2" if backing else None,
+                                               progress=step)
+                    os.rename(tmp, catalog.abspath(rel))
+                    fsync_dir(os.path.dirname(catalog.abspath(rel)))
+                    results.append(Layer(f.path, rel, "copied", res.bytes_moved,
+                                         identity.format_id(f.identity.content_id),
+                                         f.identity.state))
+                    below = rel
+                results.reverse()                   # top first
+                catalog.scan_images()               # the target learns the new images
+                top_rel = results[0].image
+                if disk is not None:
+                    top_rel = _add_disk(catalog, disk, layers[0], results[0].image,
+                                        create_qcow2)
+                if verify:
+                    _verify(catalog, results)
+            finally:
+                for f in layers:
+                    f.close()
+    finally:
+        catalog.close()
+    return {
+        "source": os.path.abspath(source_top), "target": catalog.dir, "disk": disk,
+        "top": top_rel, "layers": [asdict(r) for r in results],
+        "copied": sum(r.action == "copied" for r in results),
+        "linked": sum(r.action == "linked" for r in results),
+        "bytes_moved": sum(r.bytes_moved for r in results),
+        "verified": all(r.verified for r in results) if verify else None,
+        "duration_s": time.monotonic() - t0,
+    }
+
+
+def _target_names(catalog: Any, copies: list[Any]) -> list[str]:
+    """Each copy keeps its source's file name where the target has none such,
+    else gets a fresh one; all distinct, none existing (nor being written)."""
+    from vdisk_block.catalog import IMAGES, partial_name
+
+    names: list[str] = []
+    for f in copies:
+        name = os.path.basename(f.path)
+        rel = os.path.join(IMAGES, name if name.endswith(".qcow2") else name + ".qcow2")
+        if rel in names or os.path.lexists(catalog.abspath(rel)) or \
+                os.path.lexists(catalog.abspath(partial_name(rel))):
+            stem = rel[len(IMAGES) + 1: -len(".qcow2")]
+            rel = next(n for n in catalog.new_image_paths(stem, len(copies) + 1)
+                       if n not in names)
+        names.append(rel)
+    return names
+
+
+def _add_disk(catalog: Any, disk: str, source_top: Any, top_copy: str,
+              create_qcow2: Callable[..., bytes]) -> str:
+    """A new empty top on the copied chain, and the disk naming it."""
+    rel = catalog.new_image_path(disk)
+    path = catalog.abspath(rel)
+    create_qcow2(path, source_top.size, cluster_bits=source_top.cluster_bits,
+                 backing=os.path.basename(top_copy), backing_format="qcow2",
+                 parent_id=source_top.identity.content_id if source_top.identity.valid
+                 else None)
+    try:
+        catalog.add_disk(disk, rel)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return rel
+
+
+def _verify(catalog: Any, results: list[Layer]) -> None:
+    """Each target image reads (through its chain) as its source does."""
+    for r in results:
+        try:
+            qemu_img.compare(r.source, catalog.abspath(r.image), force_share=True)
+        except ContentMismatch:
+            r.verified = False
+            raise ReplicateError(f"verify: {r.image} on {catalog.dir} differs from "
+                                 f"{r.source}") from None
+        r.verified = True
