@@ -1,4 +1,4 @@
-"""The life of a running disk: snapshot, live backup, online consolidation, pivot.
+"""The life of a running disk: snapshot, live backup, online consolidation, pivot, replica.
 
     python -m vdisk.lifedemo [--workdir DIR] [--guest-dir DIR] [--verbose]
 
@@ -19,6 +19,13 @@
    stopped; the backup holds exactly the records 1..k of the run, each
    intact (the disk at the snapshot); the disk is one image again, with no
    leftover delta; ``qemu-img check`` finds the backup and the disk clean.
+5. Replicates the disk and a linked clone of it to a second datastore and
+   boots the guest from there (:mod:`vdisk.replicatedemo`): ``vdisk
+   snapshot``, ``vdisk disk create vm-clone --backing FROZEN``, ``vdisk
+   replicate`` of both (the clone's run copies its own top and links the
+   frozen image to vm's copy), ``vdisk serve`` of the target and the
+   ``selftest`` booted from its export ``vm-clone``; the writer's records
+   verify in both disks there.
 
 Exit code 0 on success; otherwise 1 with a one-line reason on stderr.
 
@@ -544,6 +551,10 @@ def run(workdir: Path, guest_dir: Path | None) -> list[tuple[str, str]]:
         f"{human_bytes(figures['bytes_mirrored'])} mirrored, "
         f"{figures['duration_s']:.2f} s, pivot pause {figures['pivot_pause_ms']:.1f} ms",
     ))  # fmt: skip
+
+    from .replicatedemo import run_replication  # it builds on this module's pieces
+
+    summary += run_replication(ds, workdir, image, done)
     return summary
 
 
