@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -218,7 +219,8 @@ def _target_names(catalog: Any, copies: list[Any]) -> list[str]:
         rel = os.path.join(IMAGES, name if name.endswith(".qcow2") else name + ".qcow2")
         if rel in names or os.path.lexists(catalog.abspath(rel)) or \
                 os.path.lexists(catalog.abspath(partial_name(rel))):
-            stem = rel[len(IMAGES) + 1: -len(".qcow2")]
+            # images/vm-20261124T232839-0.qcow2 -> vm-<now>-N.qcow2
+            stem = re.sub(r"-\d{8}T\d{6}-\d+$", "", rel[len(IMAGES) + 1: -len(".qcow2")])
             rel = next(n for n in catalog.new_image_paths(stem, len(copies) + 1)
                        if n not in names)
         names.append(rel)
