@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     stats TEXT NOT NULL DEFAULT '{}',
     error TEXT,
     started REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    target_id TEXT
 );
 """
 
@@ -85,6 +86,9 @@ class Catalog:
                                "create one with 'vdisk datastore init'")
         self._db = self._connect(db)
         self._lock = threading.RLock()     # one connection, shared by the service's threads
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if columns and "target_id" not in columns:      # a datastore made before it existed
+            self._db.execute("ALTER TABLE jobs ADD COLUMN target_id TEXT")
         self.last_scan: dict[str, int] = {}
 
     @staticmethod

@@ -155,7 +155,8 @@ def _insert(fd: int, path: str, h: hdr.Header, payload: bytes) -> None:
     ext = hdr.extension(hdr.EXT_VDISK_IDENTITY, payload)
     at = h.ext_end - 8                      # the end marker becomes our extension
     new_end = at + len(ext) + 8
-    if h.backing_file_offset:
+    if h.backing_file_offset and h.backing_file_offset < new_end:
+        # (a retry after a crash finds the name already moved out of the way)
         name_end = h.backing_file_offset + h.backing_file_size
         place = (max(new_end, name_end) + 7) & ~7
         if place + h.backing_file_size > cs:
@@ -166,7 +167,7 @@ def _insert(fd: int, path: str, h: hdr.Header, payload: bytes) -> None:
         os.pwrite(fd, struct.pack(">Q", place), hdr.OFF_BACKING_FILE)
         _sync(fd)
         h.backing_file_offset = place
-    elif new_end > cs:
+    elif new_end > (h.backing_file_offset or cs):
         raise UnsupportedImage(path, "no room in the header cluster for a content ID")
     os.pwrite(fd, bytes(new_end - h.ext_end), h.ext_end)
     _sync(fd)

@@ -80,7 +80,8 @@ def _disk_over(top: Qcow2File, lower: list) -> Disk:
 class MirrorJob:
     def __init__(self, disk: Disk, collapse: int = 1, *, new_path: str | None = None,
                  chunk: int = 1 << 20,
-                 on_change: Callable[[MirrorJob, State], None] | None = None) -> None:
+                 on_change: Callable[[MirrorJob, State], None] | None = None,
+                 on_target_id: Callable[[bytes], None] | None = None) -> None:
         if disk.top is None:
             raise RequestError(disk.path, "the disk is read-only")
         if not 1 <= collapse <= len(disk.layers) - (0 if new_path else 1):
@@ -91,6 +92,7 @@ class MirrorJob:
         self.new_path = new_path
         self.chunk = chunk
         self.on_change = on_change
+        self.on_target_id = on_target_id
         self.state = State.COPYING
         self.error: str | None = None
         self.stats = Stats()
@@ -178,19 +180,30 @@ class MirrorJob:
         except BaseException:
             locking.lock_for_read(orig.fd, orig.path)
             raise
+        # The target's data changes from now on: a fresh content ID first
+        # (announced to on_target_id, which journals it, before it is
+        # written), then the image above records that ID, since the chain
+        # still reads the same through it. After a crash between the two, the
+        # service's recovery records it, if the target still has that ID.
+        top, child = target.top, disk.layers[self.collapse - 1]
+        assert top is not None
+        before = top.f.identity
+        fresh = ident.new_id()
         try:
-            # the target's data changes from now on: a fresh content ID first,
-            # then the image above it records that ID, since the chain still
-            # reads the same through it (after a crash between the two, the
-            # service's recovery records it)
-            assert target.top is not None
-            target.top.refresh_identity()
-            orig.identity = target.top.f.identity
-            ident.set_parent(disk.layers[self.collapse - 1], orig.identity.content_id)
+            if self.on_target_id is not None:
+                self.on_target_id(fresh)
+            top.refresh_identity(fresh)
+            ident.set_parent(child, top.f.identity.content_id)
         except BaseException:
+            # no data was written: the target may take its old ID back
+            if before.valid and top.f.identity.content_id == fresh:
+                assert before.content_id is not None
+                top.f.identity = ident.write(top.fd, top.path, top.f.header,
+                                             before.content_id, before.parent_id)
             target.layers[0].close()
             locking.lock_for_read(orig.fd, orig.path)
             raise
+        orig.identity = top.f.identity
         return target
 
     # -- copy and mirror ------------------------------------------------------

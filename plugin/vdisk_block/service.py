@@ -28,7 +28,8 @@ from .chain import chain_paths, open_disk
 from .chainops import snapshot
 from .disk import Disk
 from .errors import ImageError, RequestError
-from .identity import rebind
+from .identity import format_id, rebind
+from .identity import read as read_identity
 from .mirror import MirrorJob, State
 
 Event = dict[str, Any]
@@ -163,7 +164,9 @@ class DatastoreService:
                pivot: bool) -> dict[str, Any]:
         try:
             job = MirrorJob(d, collapse, new_path=new_path,
-                            on_change=lambda j, st: self._changed(job_id, disk, j, st))
+                            on_change=lambda j, st: self._changed(job_id, disk, j, st),
+                            on_target_id=lambda cid: self.catalog.update_job(
+                                job_id, target_id=format_id(cid)))
             self.jobs[job_id] = job
             job.start()
         except Exception as e:
@@ -315,7 +318,9 @@ class DatastoreService:
             listener(event)
 
     def _recover(self) -> None:
-        for row in self.catalog.jobs():
+        latest: dict[str, dict[str, Any]] = {}
+        for row in self.catalog.jobs():             # newest first
+            latest.setdefault(row["disk"], row)
             if row["state"] in FINAL_STATES or row["state"] == "interrupted":
                 continue
             disk_top = self.catalog.disk(row["disk"])["top"]
@@ -324,22 +329,29 @@ class DatastoreService:
             else:
                 self.catalog.update_job(row["id"], state="interrupted",
                                         error="the server stopped while the job ran")
-                if not row["new_image"]:
-                    self._rebind_target(row)
+        for row in latest.values():
+            self._rebind_target(row)
 
     def _rebind_target(self, row: dict[str, Any]) -> None:
-        """An interrupted job into an image of the chain may have died between
-        giving the target a fresh content ID and recording it in the image
-        above (mirror.py): record it, the chain reads the same through it."""
-        chain = chain_paths(self.catalog.abspath(self.catalog.disk(row["disk"])["top"]))
-        target = os.path.realpath(self.catalog.abspath(row["target"]))
-        real = [os.path.realpath(p) for p in chain]
-        if target in real[1:]:
+        """A job into an image of the chain may have stopped (crash, failure)
+        between giving the target the fresh content ID it journalled and
+        recording that ID in the image above (mirror.py). If the target still
+        has exactly that ID, record it: the chain reads the same through it.
+        Any other ID means someone else wrote the target: the chain stays
+        refused. Idempotent; run at every start for each disk's last job."""
+        if row["new_image"] or not row.get("target_id") or row["state"] == "done":
+            return
+        try:
+            chain = chain_paths(self.catalog.abspath(self.catalog.disk(row["disk"])["top"]))
+            target = os.path.realpath(self.catalog.abspath(row["target"]))
+            real = [os.path.realpath(p) for p in chain]
+            if target not in real[1:]:
+                return
             i = real.index(target)
-            try:
+            if format_id(read_identity(chain[i])[1].content_id) == row["target_id"]:
                 rebind(chain[i - 1], chain[i])
-            except ImageError:
-                pass        # opening the disk reports what is wrong
+        except (ImageError, OSError):
+            pass            # opening the disk reports what is wrong
 
 
 class CommandNotFound(CatalogError):

@@ -115,7 +115,7 @@ class TopImage:
         if self._fresh_id_pending:
             self.refresh_identity()
 
-    def refresh_identity(self) -> None:
+    def refresh_identity(self, content_id: bytes | None = None) -> None:
         """Give the image a fresh content ID, durably, keeping its recorded parent.
 
         Like QEMU, a writer that does not maintain an autoclear feature (dirty
@@ -127,8 +127,8 @@ class TopImage:
         if h.version >= 3:
             parent = f.identity.parent_id if f.identity.valid else None
             try:
-                f.identity = ident.write(self.fd, self.path, h, ident.new_id(), parent,
-                                         autoclear=0)
+                f.identity = ident.write(self.fd, self.path, h, content_id or ident.new_id(),
+                                         parent, autoclear=0)
             except UnsupportedImage:
                 if h.autoclear:
                     hdr.write_u64(self.fd, hdr.OFF_AUTOCLEAR, 0)
