@@ -91,8 +91,9 @@ def catalog(args: argparse.Namespace) -> Iterator[Any]:
 
 def check_new_disk(c: Any, name: str) -> None:
     """Refuse early what Catalog.add_disk would refuse after the copy."""
-    if not name or "/" in name or name.startswith(".") or len(name) > 200:
-        raise CliError(f"invalid disk name {name!r}")
+    from vdisk_block.catalog import check_disk_name
+
+    check_disk_name(c.dir, name)
     if any(row["name"] == name for row in c.disks()):
         raise CliError(f"disk {name!r} already exists")
 

@@ -74,7 +74,8 @@ def chain_identity(top: str) -> list[dict[str, Any]]:
         if above is not None:
             why = identity.parent_mismatch(above, ident)
             layers[-1]["link"] = ("not recorded" if not above.valid or above.parent_id is None
-                                  else "ok" if why is None else f"parent modified: {why}")
+                                  else "ok" if why is None else
+                                  f"parent modified since the child was created: {why}")
         layers.append(layer)
         above = ident
     return layers

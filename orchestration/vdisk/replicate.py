@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import qemu_img
+from . import blockpath, qemu_img  # noqa: F401  (blockpath: vdisk_block importable)
 from .errors import ContentMismatch, Error
 
 LOCK_NAME = ".replicate.lock"
@@ -60,11 +60,25 @@ def open_target(directory: str) -> Any:
     directory = os.path.abspath(directory)
     if os.path.exists(os.path.join(directory, DB_NAME)):
         return Catalog(directory)
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+    if os.path.exists(directory) and (not os.path.isdir(directory) or not _empty(directory)):
         raise ReplicateError(f"{directory} is not a vdisk datastore (and not an empty "
                              "directory); create one with 'vdisk datastore init'")
     os.makedirs(directory, exist_ok=True)
     return Catalog.init(directory)
+
+
+def _empty(directory: str) -> bool:
+    """Empty, or only what an interrupted first replicate into it left: the lock
+    file and an empty images/ (Catalog.init makes it before vdisk.db)."""
+    from vdisk_block.catalog import IMAGES
+
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name == LOCK_NAME or (name == IMAGES and os.path.isdir(path)
+                                 and not os.listdir(path)):
+            continue
+        return False
+    return True
 
 
 @contextmanager
@@ -93,7 +107,8 @@ def _remove_partials(catalog: Any) -> list[str]:
     removed = []
     top = catalog.abspath(IMAGES)
     for name in os.listdir(top):
-        if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+        # ours: .NAME.partial, and create_qcow2's own temporary name for one
+        if name.startswith(".") and name.endswith((PARTIAL_SUFFIX, PARTIAL_SUFFIX + ".creating")):
             os.unlink(os.path.join(top, name))
             removed.append(name)
     return removed
@@ -104,6 +119,7 @@ def find_match(catalog: Any, f: Any, exclude: set[str]) -> str | None:
     same virtual size, and not a disk's (writable) top. The index proposes; the
     image's own header, read now, decides."""
     from vdisk_block import identity
+    from vdisk_block.errors import ImageError
 
     if not f.identity.valid:
         return None
@@ -113,12 +129,27 @@ def find_match(catalog: Any, f: Any, exclude: set[str]) -> str | None:
             continue
         try:
             h, ident = identity.read(path)
-        except (OSError, Error):
+        except (OSError, ImageError):
             continue
         if h is not None and ident.valid and ident.content_id == f.identity.content_id \
-                and h.size == f.size:
+                and h.size == f.size and _chain_opens(path):
             return rel
     return None
+
+
+def _chain_opens(path: str) -> bool:
+    """Whether the chain below a candidate is whole and unmodified (every file
+    there, every recorded parent ID still its parent's)."""
+    from vdisk_block.chain import open_chain
+    from vdisk_block.errors import ImageError
+
+    try:
+        layers = open_chain(path, readonly=True)
+    except (OSError, ImageError):
+        return False
+    for f in layers:
+        f.close()
+    return True
 
 
 def replicate(source_top: str, target_dir: str, *, disk: str | None = None,
@@ -126,77 +157,43 @@ def replicate(source_top: str, target_dir: str, *, disk: str | None = None,
               progress: Progress | None = None) -> dict[str, Any]:
     """Replicate the chain whose top is source_top (frozen or not written meanwhile:
     every image is read-locked while it is read) into target_dir; with ``disk``,
-    the target gets a disk of that name: a new empty top on the copied chain."""
-    from vdisk_block import identity, layercopy
-    from vdisk_block.catalog import partial_name
+    the target gets a disk of that name: a new empty top on the copied chain.
+
+    Everything that can be refused is refused before the target is touched.
+    """
+    from vdisk_block.catalog import check_disk_name
     from vdisk_block.chain import open_chain
-    from vdisk_block.create import create_qcow2, fsync_dir
 
     t0 = time.monotonic()
-    catalog = open_target(target_dir)
+    if disk is not None:
+        check_disk_name(target_dir, disk)
+    layers = open_chain(source_top, readonly=True)       # refuses a modified parent
     try:
-        with _target_lock(catalog.dir):
-            _remove_partials(catalog)
-            if disk is not None and any(r["name"] == disk for r in catalog.disks()):
-                raise ReplicateError(f"disk {disk!r} already exists on {catalog.dir}")
-            layers = open_chain(source_top, readonly=True)   # refuses a modified parent
-            try:
-                for f in layers:
-                    if f.fmt != "qcow2":
-                        raise ReplicateError(f"{f.path}: only qcow2 images can be "
-                                             f"replicated, not {f.fmt}")
-                catalog.scan_images()
-                tops = {os.path.realpath(catalog.abspath(r["top"])) for r in catalog.disks()}
-                plan: list[tuple[Any, str | None]] = []     # (layer, image it links to)
-                for i, f in enumerate(layers):
-                    match = find_match(catalog, f, tops) if i > 0 else None
-                    plan.append((f, match))
-                    if match is not None:
-                        break
-                copies = [f for f, match in plan if match is None]
-                names = _target_names(catalog, copies)
-                total = sum(layercopy.plan_bytes(f.path) for f in copies)
-                done = 0
-                below = plan[-1][1]                  # what the deepest copy links to
-                results: list[Layer] = []
-                if below is not None:
-                    f = plan[-1][0]
-                    results.append(Layer(f.path, below, "linked", 0,
-                                         identity.format_id(f.identity.content_id),
-                                         f.identity.state))
-                for f, rel in reversed(list(zip(copies, names, strict=True))):
-                    tmp = catalog.abspath(partial_name(rel))
-                    label = os.path.basename(f.path)
-
-                    def step(n: int, label: str = label) -> None:
-                        nonlocal done
-                        done += n
-                        if progress is not None:
-                            progress(done, total, label)
-
-                    backing = os.path.basename(below) if below else None
-                    res = layercopy.copy_layer(f.path, tmp, backing=backing,
-                                               backing_format="qcow2" if backing else None,
-                                               progress=step)
-                    os.rename(tmp, catalog.abspath(rel))
-                    fsync_dir(os.path.dirname(catalog.abspath(rel)))
-                    results.append(Layer(f.path, rel, "copied", res.bytes_moved,
-                                         identity.format_id(f.identity.content_id),
-                                         f.identity.state))
-                    below = rel
-                results.reverse()                   # top first
-                catalog.scan_images()               # the target learns the new images
+        inside = os.path.realpath(target_dir) + os.sep
+        for f in layers:
+            if f.fmt != "qcow2":
+                raise ReplicateError(f"{f.path}: only qcow2 images can be replicated, "
+                                     f"not {f.fmt}")
+            if os.path.realpath(f.path).startswith(inside):
+                raise ReplicateError(f"the target is the source datastore: {f.path} is "
+                                     f"in {target_dir}")
+        catalog = open_target(target_dir)
+        try:
+            with _target_lock(catalog.dir):
+                _remove_partials(catalog)
+                if disk is not None and any(r["name"] == disk for r in catalog.disks()):
+                    raise ReplicateError(f"disk {disk!r} already exists on {catalog.dir}")
+                results = _copy_chain(catalog, layers, progress)
                 top_rel = results[0].image
-                if disk is not None:
-                    top_rel = _add_disk(catalog, disk, layers[0], results[0].image,
-                                        create_qcow2)
-                if verify:
+                if verify:                  # before a disk names the copies
                     _verify(catalog, results)
-            finally:
-                for f in layers:
-                    f.close()
+                if disk is not None:
+                    top_rel = _add_disk(catalog, disk, layers[0], results[0].image)
+        finally:
+            catalog.close()
     finally:
-        catalog.close()
+        for f in layers:
+            f.close()
     return {
         "source": os.path.abspath(source_top), "target": catalog.dir, "disk": disk,
         "top": top_rel, "layers": [asdict(r) for r in results],
@@ -206,6 +203,53 @@ def replicate(source_top: str, target_dir: str, *, disk: str | None = None,
         "verified": all(r.verified for r in results) if verify else None,
         "duration_s": time.monotonic() - t0,
     }
+
+
+def _copy_chain(catalog: Any, layers: list[Any], progress: Progress | None) -> list[Layer]:
+    """Plan (copy the top; link at the first parent the target has), then copy
+    bottom-up, each image renamed into place only when complete. Top first."""
+    from vdisk_block import identity, layercopy
+    from vdisk_block.catalog import partial_name
+    from vdisk_block.create import fsync_dir
+
+    catalog.scan_images()
+    tops = {os.path.realpath(catalog.abspath(r["top"])) for r in catalog.disks()}
+    plan: list[tuple[Any, str | None]] = []         # (layer, image it links to)
+    for i, f in enumerate(layers):
+        match = find_match(catalog, f, tops) if i > 0 else None
+        plan.append((f, match))
+        if match is not None:
+            break
+    copies = [f for f, match in plan if match is None]
+    names = _target_names(catalog, copies)
+    total = sum(layercopy.plan_bytes(f.path) for f in copies)
+    done = 0
+    below = plan[-1][1]                              # what the deepest copy links to
+    results: list[Layer] = []
+    if below is not None:
+        f = plan[-1][0]
+        results.append(Layer(f.path, below, "linked", 0,
+                             identity.format_id(f.identity.content_id), f.identity.state))
+    for f, rel in reversed(list(zip(copies, names, strict=True))):
+        label = os.path.basename(f.path)
+
+        def step(n: int, label: str = label) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total, label)
+
+        backing = os.path.basename(below) if below else None
+        tmp = catalog.abspath(partial_name(rel))
+        res = layercopy.copy_layer(f.path, tmp, backing=backing,
+                                   backing_format="qcow2" if backing else None, progress=step)
+        os.rename(tmp, catalog.abspath(rel))
+        fsync_dir(os.path.dirname(catalog.abspath(rel)))
+        results.append(Layer(f.path, rel, "copied", res.bytes_moved,
+                             identity.format_id(f.identity.content_id), f.identity.state))
+        below = rel
+    catalog.scan_images()                           # the target learns the new images
+    return results[::-1]
 
 
 def _target_names(catalog: Any, copies: list[Any]) -> list[str]:
@@ -227,15 +271,19 @@ def _target_names(catalog: Any, copies: list[Any]) -> list[str]:
     return names
 
 
-def _add_disk(catalog: Any, disk: str, source_top: Any, top_copy: str,
-              create_qcow2: Callable[..., bytes]) -> str:
+def _add_disk(catalog: Any, disk: str, source_top: Any, top_copy: str) -> str:
     """A new empty top on the copied chain, and the disk naming it."""
+    from vdisk_block.catalog import partial_name
+    from vdisk_block.create import create_qcow2, fsync_dir
+
     rel = catalog.new_image_path(disk)
-    path = catalog.abspath(rel)
-    create_qcow2(path, source_top.size, cluster_bits=source_top.cluster_bits,
+    path, tmp = catalog.abspath(rel), catalog.abspath(partial_name(rel))
+    create_qcow2(tmp, source_top.size, cluster_bits=source_top.cluster_bits,
                  backing=os.path.basename(top_copy), backing_format="qcow2",
                  parent_id=source_top.identity.content_id if source_top.identity.valid
                  else None)
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
     try:
         catalog.add_disk(disk, rel)
     except BaseException:

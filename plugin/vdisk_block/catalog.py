@@ -146,8 +146,8 @@ class Catalog:
         n = 0
         while len(names) < count:
             rel = f"{base}-{n}.qcow2"
-            if not os.path.exists(self.abspath(rel)) and \
-                    not os.path.exists(self.abspath(partial_name(rel))):
+            if not any(os.path.lexists(self.abspath(p)) for p in
+                       (rel, partial_name(rel), partial_name(rel, ".creating"))):
                 names.append(rel)
             n += 1
         return names
@@ -177,8 +177,7 @@ class Catalog:
         return dict(row)
 
     def add_disk(self, name: str, top: str) -> None:
-        if not name or "/" in name or name.startswith(".") or len(name) > 200:
-            raise CatalogError(self.dir, f"invalid disk name {name!r}")
+        check_disk_name(self.dir, name)
         try:
             with self.transaction() as db:
                 db.execute("INSERT INTO disks VALUES (?, ?, ?)", (name, top, time.time()))
@@ -319,10 +318,17 @@ class Catalog:
         return [r["path"] for r in rows]
 
 
-def partial_name(rel: str) -> str:
-    """Where an image is written before it becomes visible under ``rel``."""
+def check_disk_name(where: str, name: str) -> None:
+    """A disk name is an export name and a file name stem: no '/', no leading '.'."""
+    if not name or "/" in name or name.startswith(".") or len(name) > 200:
+        raise CatalogError(where, f"invalid disk name {name!r}")
+
+
+def partial_name(rel: str, suffix: str = PARTIAL_SUFFIX) -> str:
+    """Where an image is written before it becomes visible under ``rel``
+    (``.creating``: create.create_qcow2's temporary name)."""
     head, tail = os.path.split(rel)
-    return os.path.join(head, f".{tail}{PARTIAL_SUFFIX}")
+    return os.path.join(head, f".{tail}{suffix}")
 
 
 @contextmanager
