@@ -198,3 +198,16 @@ def drop_backing_format(path: Path) -> None:
         f.write(area)
     info = qemu_img.info(path)
     assert "backing-filename-format" not in info, info
+
+
+def vdisk_write(path: Path, data: bytes, offset: int) -> None:
+    """One open of the chain by vdisk's engine: write, flush, close (a write that
+    keeps the image's content identity valid, unlike a qemu-io write)."""
+    from vdisk_block.chain import open_disk
+
+    d = open_disk(str(path))
+    try:
+        d.write(data, offset)
+        d.flush()
+    finally:
+        d.close()

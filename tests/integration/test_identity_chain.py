@@ -19,12 +19,13 @@ from typing import Any
 import nbd
 import pytest
 from nbdharness import MiB, first_difference, pattern, read_all
+from qchain import vdisk_write
 
 from vdisk import qemu_img, qemu_io
 from vdisk.control import ControlClient, ControlUnavailable
 from vdisk.errors import NbdkitError
 from vdisk.nbdkit import NbdkitServer
-from vdisk_block import ImageError, open_chain, open_disk
+from vdisk_block import ImageError, open_chain
 from vdisk_block import identity as ident
 from vdisk_block.catalog import Catalog
 from vdisk_block.create import create_qcow2
@@ -39,13 +40,6 @@ def identity_of(path: Path) -> ident.Identity:
     return ident.read(str(path))[1]
 
 
-def vdisk_write(path: Path, data: bytes, offset: int) -> None:
-    d = open_disk(str(path))
-    try:
-        d.write(data, offset)
-        d.flush()
-    finally:
-        d.close()
 
 
 def assert_chain_opens(top: Path) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_matches_oracle, raw_view
+from qchain import vdisk_write
 
 from vdisk import qemu_img, qemu_io
 from vdisk.errors import QemuImgError
@@ -71,14 +72,6 @@ def header_digest(path: Path) -> str:
         return hashlib.sha256(f.read(64 * KiB)).hexdigest()
 
 
-def vdisk_write(path: Path, data: bytes, offset: int) -> None:
-    """One open of the chain by vdisk: write, flush, close."""
-    d = open_disk(str(path))
-    try:
-        d.write(data, offset)
-        d.flush()
-    finally:
-        d.close()
 
 
 def backing_name(path: Path) -> str | None:

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from qchain import Chain, KiB, Layer, MiB, build_chain
+from qchain import Chain, KiB, Layer, MiB, build_chain, vdisk_write
 
 from vdisk import qemu_img, qemu_io
 from vdisk_block import identity, open_disk
@@ -138,11 +138,11 @@ def test_compressed_base_is_inflated(workdir: Path) -> None:
 def test_copies_keep_identity_and_form_a_chain(workdir: Path) -> None:
     base, top = workdir / "base.qcow2", workdir / "top.qcow2"
     create_qcow2(str(base), 4 * MiB)
-    write_through_vdisk(base, 0, os.urandom(MiB + 3000))
+    vdisk_write(base, os.urandom(MiB + 3000), 0)
     base_id = identity.read(str(base))[1].content_id
     create_qcow2(str(top), 4 * MiB, backing="base.qcow2", backing_format="qcow2",
                  parent_id=base_id)
-    write_through_vdisk(top, 700 * KiB, os.urandom(2 * MiB))
+    vdisk_write(top, os.urandom(2 * MiB), 700 * KiB)
     replica = workdir / "replica"
     replica.mkdir()
     copy_layer(str(base), str(replica / "base.qcow2"), backing=None, backing_format=None)
@@ -158,13 +158,6 @@ def test_copies_keep_identity_and_form_a_chain(workdir: Path) -> None:
     qemu_img.compare(replica / "top.qcow2", top)
 
 
-def write_through_vdisk(path: Path, offset: int, data: bytes) -> None:
-    disk = open_disk(str(path))
-    try:
-        disk.write(data, offset)
-        disk.flush()
-    finally:
-        disk.close()
 
 
 def test_fallback_to_pread_pwrite(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
