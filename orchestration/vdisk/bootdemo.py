@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import attach, guest, qemu_img, qemu_io, records
@@ -145,37 +147,55 @@ def run(workdir: Path, guest_dir: Path | None) -> list[tuple[str, str]]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vdisk.bootdemo", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--workdir", type=Path, help="keep images and logs here (default: temporary)"
-    )
-    parser.add_argument(
-        "--guest-dir", type=Path, help="where the guest image is built (default: cache)"
-    )
+Summary = list[tuple[str, str]]
+
+
+def demo_main(name: str, doc: str, run: Callable[[Path, Path | None], Summary],
+              argv: list[str] | None, *, workdir_help: str, logs: str,
+              quiet_level: int = logging.ERROR) -> int:
+    """The command line of a demo: parse, run in a (temporary) work directory,
+    print the summary; a failure is one line on stderr and exit code 1."""
+    parser = argparse.ArgumentParser(prog=f"python -m vdisk.{name}",
+                                     description=doc.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, help=workdir_help)
+    parser.add_argument("--guest-dir", type=Path,
+                        help="where the guest image is built (default: cache)")
     parser.add_argument("--verbose", action="store_true", help="log every command")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else quiet_level)
+    # SIGTERM ends the demo like Ctrl-C: every process it started is stopped on the way out
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="vdisk-boot-") as tmp:
-        workdir = args.workdir or Path(tmp)
+    with tempfile.TemporaryDirectory(prefix=f"vdisk-{name}-") as tmp:
+        workdir = (args.workdir or Path(tmp)).absolute()
         workdir.mkdir(parents=True, exist_ok=True)
         try:
-            summary = run(workdir.absolute(), args.guest_dir)
+            summary = run(workdir, args.guest_dir)
         except (DemoFailure, Error) as e:
-            print(f"bootdemo: FAILED: {e}".splitlines()[0], file=sys.stderr)
-            if args.workdir is None:
-                print("(run with --workdir DIR to keep the console logs)", file=sys.stderr)
-            else:
-                print(f"console logs: {workdir}/*.console.log", file=sys.stderr)
+            reason = str(e)
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        except Exception as e:  # noqa: BLE001 - libnbd's nbd.Error and anything unexpected
+            reason = f"{type(e).__name__}: {e}"
+        else:
+            reason = ""
+        if reason:
+            print(f"{name}: FAILED: {reason}".splitlines()[0], file=sys.stderr)
+            print("(run with --workdir DIR to keep the logs)" if args.workdir is None
+                  else f"logs: {workdir}/{logs}", file=sys.stderr)
             return 1
+    width = max(14, *(len(what) + 2 for what, _ in summary))
     print("\n--- summary")
     for what, result in summary:
-        print(f"{what:16} {result}")
-    print(f"{'total':16} {time.monotonic() - start:.1f} s")
+        print(f"{what:{width}} {result}")
+    print(f"{'total':{width}} {time.monotonic() - start:.1f} s", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return demo_main("bootdemo", __doc__ or "", run, argv,
+                     workdir_help="keep images and logs here (default: temporary)",
+                     logs="*.console.log", quiet_level=logging.WARNING)
 
 
 if __name__ == "__main__":

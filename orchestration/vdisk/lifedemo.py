@@ -36,7 +36,6 @@ writer's console and the record checks are also used by the boot tests
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -45,10 +44,8 @@ import re
 import select
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -58,7 +55,7 @@ from typing import Any
 
 from . import attach, guest, process, qemu_img, records
 from .accel import detect_accel
-from .bootdemo import DemoFailure, field
+from .bootdemo import DemoFailure, demo_main, field
 from .errors import CommandError, Error
 from .machine import Machine
 from .progress import human_bytes
@@ -559,44 +556,9 @@ def run(workdir: Path, guest_dir: Path | None) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vdisk.lifedemo", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--workdir", type=Path, help="keep the datastore, backup and logs here (default: temporary)"
-    )
-    parser.add_argument(
-        "--guest-dir", type=Path, help="where the guest image is built (default: cache)"
-    )
-    parser.add_argument("--verbose", action="store_true", help="log every command")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR)
-    # SIGTERM ends the demo like Ctrl-C: every process it started is stopped on the way out
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="vdisk-life-") as tmp:
-        workdir = (args.workdir or Path(tmp)).absolute()
-        workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            summary = run(workdir, args.guest_dir)
-        except (DemoFailure, Error) as e:
-            print(f"lifedemo: FAILED: {e}".splitlines()[0], file=sys.stderr)
-            if args.workdir is None:
-                print("(run with --workdir DIR to keep the logs)", file=sys.stderr)
-            else:
-                print(f"logs: {workdir}/*.log", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("lifedemo: FAILED: interrupted", file=sys.stderr)
-            return 1
-        except Exception as e:  # libnbd's nbd.Error and anything unexpected
-            print(f"lifedemo: FAILED: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
-            return 1
-    say("\n--- summary")
-    for what, result in summary:
-        say(f"{what:14} {result}")
-    say(f"{'total':14} {time.monotonic() - start:.1f} s")
-    return 0
+    return demo_main("lifedemo", __doc__ or "", run, argv,
+                     workdir_help="keep the datastore, backup and logs here (default: "
+                                  "temporary)", logs="*.log")
 
 
 if __name__ == "__main__":

@@ -28,19 +28,14 @@ Exit code 0 on success; otherwise 1 with a one-line reason on stderr.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from . import attach, guest, qemu_img, records
 from .accel import detect_accel
-from .bootdemo import DemoFailure
-from .errors import Error
+from .bootdemo import DemoFailure, demo_main
 from .lifedemo import (
     BOOT_TIMEOUT,
     DISK,
@@ -248,47 +243,21 @@ def run_replication(
     return summary
 
 
+def run(workdir: Path, guest_dir: Path | None) -> list[tuple[str, str]]:
+    """The replication part on its own: a fresh datastore with the guest's disk."""
+    image = guest.build(guest_dir)
+    summary = [("accelerator", detect_accel().name)]
+    ds = workdir / "ds"
+    say("--- a datastore with the guest's disk in it")
+    cli("datastore", "init", ds)
+    cli("disk", "import", DISK, image.path, "-d", ds)
+    return summary + run_replication(ds, workdir, image)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vdisk.replicatedemo", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--workdir", type=Path, help="keep the datastores and logs here (default: temporary)"
-    )
-    parser.add_argument(
-        "--guest-dir", type=Path, help="where the guest image is built (default: cache)"
-    )
-    parser.add_argument("--verbose", action="store_true", help="log every command")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="vdisk-repl-") as tmp:
-        workdir = (args.workdir or Path(tmp)).absolute()
-        workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            image = guest.build(args.guest_dir)
-            summary = [("accelerator", detect_accel().name)]
-            ds = workdir / "ds"
-            say("--- a datastore with the guest's disk in it")
-            cli("datastore", "init", ds)
-            cli("disk", "import", DISK, image.path, "-d", ds)
-            summary += run_replication(ds, workdir, image)
-        except (DemoFailure, Error) as e:
-            print(f"replicatedemo: FAILED: {e}".splitlines()[0], file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("replicatedemo: FAILED: interrupted", file=sys.stderr)
-            return 1
-        except Exception as e:  # libnbd's nbd.Error and anything unexpected
-            print(f"replicatedemo: FAILED: {type(e).__name__}: {e}".splitlines()[0],
-                  file=sys.stderr)  # fmt: skip
-            return 1
-    say("\n--- summary")
-    for what, result in summary:
-        say(f"{what:14} {result}")
-    say(f"{'total':14} {time.monotonic() - start:.1f} s")
-    return 0
+    return demo_main("replicatedemo", __doc__ or "", run, argv,
+                     workdir_help="keep the datastores and logs here (default: temporary)",
+                     logs="*.log")
 
 
 if __name__ == "__main__":
