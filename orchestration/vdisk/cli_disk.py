@@ -275,11 +275,16 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
         served = is_served(svc)
         disks = svc.execute("query-disks", {})["disks"]
     for d in disks:
-        d["size"] = _disk_size(directory, d)
+        if not d.get("error"):
+            d["size"] = _disk_size(directory, d)
     lines = [f"{'NAME':20} {'SIZE':>10} {'IMAGES':>6}  {'JOB':12} TOP"]
     for d in disks:
         job = d.get("job")
         job_text = f"{job['id']}:{job['state']}" if job else "-"
+        if d.get("error"):
+            lines.append(f"{d['name']:20} {'?':>10} {'?':>6}  {job_text:12} {d['top']} "
+                         f"(error: {d['error']})")
+            continue
         lines.append(f"{d['name']:20} {human_bytes(d['size']):>10} {len(d['chain']):>6}  "
                      f"{job_text:12} {d['top']}")
     if not disks:

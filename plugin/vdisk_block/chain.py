@@ -85,7 +85,12 @@ def chain_paths(path: str) -> list[str]:
             raise ChainError(out[-1], f"backing loop: {current} is already in the chain",
                              errno=40)
         out.append(current)
-        fd = os.open(current, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(current, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if len(out) == 1:
+                raise ChainError(current, "image not found") from None
+            raise ChainError(out[-2], f"backing file {current} not found") from None
         try:
             if os.pread(fd, 4, 0) != hdr.MAGIC:
                 break

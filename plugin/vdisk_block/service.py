@@ -109,11 +109,17 @@ class DatastoreService:
         for r in rows:
             d = self.disks.get(r["name"])
             job = self.catalog.active_job(r["name"])
-            out.append({"name": r["name"], "top": r["top"],
-                        "chain": [self.catalog.relpath(p) for p in self._chain(r["name"])],
-                        "size": d.size if d else self._virtual_size(r["top"]),
-                        "open": d is not None,
-                        "job": self._job_info(job) if job else None})
+            info = {"name": r["name"], "top": r["top"], "chain": [], "size": None,
+                    "open": d is not None, "job": self._job_info(job) if job else None,
+                    "error": None}
+            try:
+                info["chain"] = [self.catalog.relpath(p) for p in self._chain(r["name"])]
+                info["size"] = d.size if d else self._virtual_size(r["top"])
+            except (ImageError, OSError) as e:
+                if disk:                # asked for this one disk: say what is wrong
+                    raise
+                info["error"] = str(e)  # one broken chain does not hide the others
+            out.append(info)
         return {"disks": out}
 
     def snapshot(self, disk: str) -> dict[str, Any]:

@@ -51,6 +51,22 @@ def test_disk_list_and_info(datastore: Datastore) -> None:
     assert info["top"] in human and "job: none" in human
 
 
+def test_disk_list_shows_a_broken_chain_beside_the_others(datastore: Datastore) -> None:
+    datastore.create("a", "16M")
+    datastore.create("b", "16M")
+    datastore.vdisk("snapshot", "b")
+    frozen = datastore.path / datastore.disk("b")["chain"][1]
+    frozen.unlink()
+    listed = {d["name"]: d for d in datastore.json("disk", "list")["disks"]}
+    assert listed["a"]["error"] is None and listed["a"]["size"] == 16 * MiB
+    assert listed["b"]["chain"] == [] and listed["b"]["size"] is None
+    assert f"backing file {frozen} not found" in listed["b"]["error"]
+    human = datastore.vdisk("disk", "list").stdout
+    assert "(error: " in human and human.count("\n") == 3
+    r = run_vdisk("disk", "info", "b", "-d", datastore.path, check=False)
+    assert r.returncode == 1 and "not found" in r.stderr
+
+
 @pytest.fixture
 def source_chain(tmp_path: Path) -> Path:
     """raw base <- qcow2 mid <- qcow2 top, each with its own data, a zeroed range on top."""
