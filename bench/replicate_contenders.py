@@ -50,12 +50,15 @@ MiB = images.MiB
 FILL_CHUNK = 8 * MiB
 
 VDISK = "vdisk"
+VDISK_ONE = "vdisk-one"
 CONVERT = "qemu-img-convert"
 CP_CHAINS = "cp-chains"
 CP_REFERENCE = "cp-reference"
-CONTENDERS = (VDISK, CONVERT, CP_CHAINS, CP_REFERENCE)
+CONTENDERS = (VDISK, VDISK_ONE, CONVERT, CP_CHAINS, CP_REFERENCE)
+VDISKS = (VDISK, VDISK_ONE)
 DESCRIPTION = {
-    VDISK: "vdisk replicate",
+    VDISK: "vdisk replicate (a command per disk)",
+    VDISK_ONE: "vdisk replicate (one command)",
     CONVERT: "qemu-img convert (flatten)",
     CP_CHAINS: "cp --sparse=always full chains",
     CP_REFERENCE: "cp --sparse=always base once + tops",
@@ -260,6 +263,25 @@ def run_vdisk(source: Source, target: Path) -> tuple[Run, Path]:
                                   "--to", str(target)))
 
     _timed(run, source, target, step)
+    return _vdisk_results(run, results, target)
+
+
+def run_vdisk_one(source: Source, target: Path) -> tuple[Run, Path]:
+    """One ``vdisk replicate vm1 ... vmN`` (the disks one after another, one process)."""
+    run = Run(VDISK_ONE)
+    results: list[dict[str, Any]] = []
+
+    def step(_disk: Disk, i: int) -> None:
+        if i == 0:
+            results.extend(vdisk_json("replicate", *(d.name for d in source.disks), "-d",
+                                      str(source.datastore), "--to", str(target))["results"])
+
+    _timed(run, source, target, step)
+    run.per_disk_s = [r["duration_s"] for r in results]
+    return _vdisk_results(run, results, target)
+
+
+def _vdisk_results(run: Run, results: list[dict[str, Any]], target: Path) -> tuple[Run, Path]:
     run.bytes_moved = sum(r["bytes_moved"] for r in results)
     run.detail = {
         "inside_replicate_s": sum(r["duration_s"] for r in results),
@@ -313,7 +335,7 @@ def run_cp_reference(source: Source, target: Path) -> tuple[Run, Path]:
 
 
 RUNNERS: dict[str, Callable[[Source, Path], tuple[Run, Path]]] = {
-    VDISK: run_vdisk, CONVERT: run_convert, CP_CHAINS: run_cp_chains,
+    VDISK: run_vdisk, VDISK_ONE: run_vdisk_one, CONVERT: run_convert, CP_CHAINS: run_cp_chains,
     CP_REFERENCE: run_cp_reference,
 }
 RUN_ERRORS = (images.ToolError, OSError, KeyError, subprocess.SubprocessError)
@@ -328,7 +350,7 @@ def measure(contender: str, source: Source, target: Path, check: bool) -> Run:
         log.error("%s: %s", contender, e)
         return Run(contender, error=str(e))
     run.target_allocated = tree_allocated(target)
-    if contender != VDISK:
+    if contender not in VDISKS:
         run.bytes_moved = run.target_allocated
     if check:
         run.check = compare(source.disks[-1].top, image)

@@ -8,9 +8,9 @@ script, not in the ``vdisk`` package; this is the one place that puts
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from .nbdkit import REPO_ROOT
-
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_DIR = REPO_ROOT / "plugin"
 
 if str(PLUGIN_DIR) not in sys.path:

@@ -41,8 +41,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("replicate", parents=[out, ctl],
                        help="recreate a disk's chain on another datastore, copying only "
                             "the layers it does not have yet")
-    p.add_argument("source", metavar="DISK|IMAGE",
-                   help="a disk of the datastore given with -d, or else an image file")
+    p.add_argument("source", metavar="DISK|IMAGE", nargs="+",
+                   help="disks of the datastore given with -d (replicated one after "
+                        "another), or else one image file")
     p.add_argument("-d", "--datastore", metavar="DIR",
                    help="the source datastore (SOURCE is then a disk name)")
     p.add_argument("--to", required=True, metavar="TARGET_DIR",
@@ -142,39 +143,59 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, label: str) -> None:
         bar.update(done, total, label=f"copy {label}")
 
-    snap = None
+    results: list[dict[str, Any]] = []
     with bar:
         if args.datastore is None:
+            if len(args.source) != 1:
+                raise CliError("several sources need -d DIR (they are then disks)")
             if args.name is not None:
                 raise CliError("--name needs a disk (-d DIR DISK)")
-            if not os.path.exists(args.source):
-                raise CliError(f"{args.source}: no such image")
-            result = replicate.replicate(args.source, args.to, verify=args.verify,
-                                         progress=progress)
+            if not os.path.exists(args.source[0]):
+                raise CliError(f"{args.source[0]}: no such image")
+            results.append(replicate.replicate(args.source[0], args.to, verify=args.verify,
+                                               progress=progress))
+            results[0]["snapshot"] = None
         else:
+            if args.name is not None and len(args.source) != 1:
+                raise CliError("--name names one disk")
             directory = datastore_dir(args)
             if os.path.realpath(directory) == os.path.realpath(args.to):
                 raise CliError("the target datastore is the source datastore")
             with service(args) as svc:
-                disk = svc.execute("query-disks", {"disk": args.source})["disks"][0]
-                top = os.path.join(directory, disk["top"])
-                if is_served(svc):
-                    # the copied top must not change while it is read: freeze it
-                    snap = svc.execute("snapshot", {"disk": args.source})
-                    top = os.path.join(directory, snap["frozen"])
-            result = replicate.replicate(top, args.to, disk=args.name or args.source,
-                                         verify=args.verify, progress=progress)
-    result["snapshot"] = snap
+                tops = {name: svc.execute("query-disks", {"disk": name})["disks"][0]["top"]
+                        for name in args.source}             # every disk exists, first
+                for name in args.source:
+                    snap = None
+                    top = os.path.join(directory, tops[name])
+                    if is_served(svc):
+                        # the copied top must not change while it is read: freeze it
+                        snap = svc.execute("snapshot", {"disk": name})
+                        top = os.path.join(directory, snap["frozen"])
+                    result = replicate.replicate(top, args.to, disk=args.name or name,
+                                                 verify=args.verify, progress=progress)
+                    result["snapshot"] = snap
+                    results.append(result)
+    text = "\n".join(_replicate_text(r) for r in results)
+    if len(results) == 1:
+        emit(args, results[0], text)
+    else:
+        emit(args, {"results": results, **{k: sum(r[k] for r in results) for k in
+                                           ("copied", "linked", "bytes_moved", "duration_s")}},
+             text)
+    return 0
+
+
+def _replicate_text(result: dict[str, Any]) -> str:
     lines = []
     for layer in result["layers"]:
         what = (f"copied  {human_bytes(layer['bytes_moved']):>10}" if layer["action"] == "copied"
                 else f"linked  {'':>10}")
         lines.append(f"  {what}  {layer['image']}  <- {layer['source']}"
                      f"{'  (verified)' if layer['verified'] else ''}")
-    head = (f"replicated {args.source} to {result['target']}: {result['copied']} copied, "
+    source = result["disk"] or result["source"]
+    head = (f"replicated {source} to {result['target']}: {result['copied']} copied, "
             f"{result['linked']} linked, {human_bytes(result['bytes_moved'])} moved in "
             f"{human_duration(result['duration_s'])}")
     if result["disk"]:
         head += f"\ndisk {result['disk']} on the target: top {result['top']}"
-    emit(args, result, "\n".join([head, *lines]))
-    return 0
+    return "\n".join([head, *lines])

@@ -31,13 +31,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import process
+from .blockpath import REPO_ROOT
 from .errors import AddressInUse, NbdkitError, NbdkitTimeout, SocketPathTooLong
 
 log = logging.getLogger(__name__)
 
 # orchestration/vdisk/nbdkit.py -> the repository checkout (the package is
 # installed in editable mode from the checkout).
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = REPO_ROOT / "plugin" / "vdisk_nbdkit.py"
 
 # sizeof(sockaddr_un.sun_path) is 108 on Linux, including the terminating NUL.

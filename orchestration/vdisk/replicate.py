@@ -107,8 +107,7 @@ def _remove_partials(catalog: Any) -> list[str]:
     removed = []
     top = catalog.abspath(IMAGES)
     for name in os.listdir(top):
-        # ours: .NAME.partial, and create_qcow2's own temporary name for one
-        if name.startswith(".") and name.endswith((PARTIAL_SUFFIX, PARTIAL_SUFFIX + ".creating")):
+        if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
             os.unlink(os.path.join(top, name))
             removed.append(name)
     return removed
@@ -274,16 +273,14 @@ def _target_names(catalog: Any, copies: list[Any]) -> list[str]:
 def _add_disk(catalog: Any, disk: str, source_top: Any, top_copy: str) -> str:
     """A new empty top on the copied chain, and the disk naming it."""
     from vdisk_block.catalog import partial_name
-    from vdisk_block.create import create_qcow2, fsync_dir
+    from vdisk_block.create import create_qcow2
 
     rel = catalog.new_image_path(disk)
     path, tmp = catalog.abspath(rel), catalog.abspath(partial_name(rel))
-    create_qcow2(tmp, source_top.size, cluster_bits=source_top.cluster_bits,
+    create_qcow2(path, source_top.size, cluster_bits=source_top.cluster_bits,
                  backing=os.path.basename(top_copy), backing_format="qcow2",
                  parent_id=source_top.identity.content_id if source_top.identity.valid
-                 else None)
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path))
+                 else None, tmp=tmp)
     try:
         catalog.add_disk(disk, rel)
     except BaseException:

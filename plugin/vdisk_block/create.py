@@ -61,8 +61,9 @@ def l1_entries_for(size: int, cs: int) -> int:
 
 def create_qcow2(path: str, size: int, *, cluster_bits: int = 16, backing: str | None = None,
                  backing_format: str | None = None, parent_id: bytes | None = None,
-                 content_id: bytes | None = None) -> bytes:
-    """Create the image; returns its content ID."""
+                 content_id: bytes | None = None, tmp: str | None = None) -> bytes:
+    """Create the image; returns its content ID. ``tmp`` is the name it is
+    written under before it is linked into place (default ``.NAME.creating``)."""
     cs = 1 << cluster_bits
     l1_entries = l1_entries_for(size, cs)
     l1_clusters = -(-l1_entries * 8 // cs)
@@ -74,7 +75,7 @@ def create_qcow2(path: str, size: int, *, cluster_bits: int = 16, backing: str |
     nclusters = 3 + l1_clusters
     table = struct.pack(">Q", 2 * cs)
     block = struct.pack(f">{nclusters}H", *([1] * nclusters))
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.creating")
+    tmp = tmp or os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.creating")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         os.pwrite(fd, first, 0)

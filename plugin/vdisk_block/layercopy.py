@@ -198,7 +198,7 @@ def _write_copy(f: Qcow2File, fd: int, scan: _Scan, layout: _Layout, first: byte
     cs = f.cluster_size
     l2_bytes, copies, inflates = _map_clusters(scan, layout, cs)
     mover = _DataMover(f.fd, fd, progress)
-    for src, dst, length in copies:
+    for src, dst, length in sorted(copies):     # in the source's order: fewer seeks
         mover.copy(src, dst, length)
     for dst, entries in inflates:
         mover.write(b"".join(f.read_compressed(e) for e in entries), dst)

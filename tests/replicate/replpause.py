@@ -10,7 +10,7 @@ the command changes. Points:
     target-init   creating the target datastore, images/ made, vdisk.db not yet
     copy:N        the Nth layer copy (bottom-up), its first chunk written
     renamed:N     just after the Nth copy was renamed into place
-    creating      the disk's new top written under its temporary name, not linked
+    creating      the disk's new top written under its .partial name, not linked
     add-disk      the disk's new top in place, the catalog not told yet
     verify        --verify comparing the first image (the disk already added)
 """
@@ -87,7 +87,7 @@ def main() -> int:
         link = os.link
 
         def paused_link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-            if str(src).endswith(".creating"):
+            if str(src).endswith(".partial"):      # create_qcow2(tmp=...) links it
                 pause()
             link(src, dst, *args, **kwargs)
 
