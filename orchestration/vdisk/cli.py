@@ -8,7 +8,7 @@
     vdisk job list|show|complete|cancel|resume ... -d DIR
     vdisk backup DISK --to FILE -d DIR
     vdisk info IMAGE;  vdisk identity stamp IMAGE
-    vdisk replicate (DISK -d DIR | IMAGE) --to TARGET_DIR [--name NAME] [--verify]
+    vdisk replicate (DISK... -d DIR | IMAGE) --to TARGET_DIR [--name NAME] [--verify]
 
 Human output by default, one JSON object on stdout with ``--json``. Exit
 code 0 on success; otherwise one line ``vdisk: error: REASON`` on stderr and

@@ -88,7 +88,11 @@ class Catalog:
         self._lock = threading.RLock()     # one connection, shared by the service's threads
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
         if columns and "target_id" not in columns:      # a datastore made before it existed
-            self._db.execute("ALTER TABLE jobs ADD COLUMN target_id TEXT")
+            try:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN target_id TEXT")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):    # another opener added it first
+                    raise
         self.last_scan: dict[str, int] = {}
 
     @staticmethod

@@ -144,3 +144,28 @@ def test_concurrent_replicates_copy_a_shared_base_once(source: Source, target: P
     check_all(target)
     for name in ("vm1", "vm2"):
         assert_same_data(source.top(name), target / target_disk(target, name)["top"])
+
+
+def test_several_disks_in_one_command(source: Source, target: Path) -> None:
+    """vm1 vm2 vm3 one after another: the base and mid are copied once (for vm1),
+    then linked; one JSON object holds each disk's result and the totals."""
+    out = replicate("vm1", "vm2", "vm3", "-d", source.path, "--to", target)
+    results = out["results"]
+    assert [r["disk"] for r in results] == ["vm1", "vm2", "vm3"]
+    assert [(r["copied"], r["linked"]) for r in results] == [(3, 0), (1, 1), (1, 1)]
+    for key in ("copied", "linked", "bytes_moved"):
+        assert out[key] == sum(r[key] for r in results)
+    for r in results:
+        assert_totals(r, target)
+        assert_same_data(source.top(r["disk"]), target / r["top"])
+    check_all(target)
+    # every disk named must exist before anything is copied
+    again = run_vdisk("replicate", "vm1", "nosuch", "-d", source.path, "--to",
+                      target.parent / "other", check=False)
+    assert again.returncode == 1 and "nosuch" in again.stderr
+    assert not (target.parent / "other").exists()
+    # --name names one disk only
+    bad = run_vdisk("replicate", "vm1", "vm2", "-d", source.path, "--to",
+                    target.parent / "other", "--name", "x", check=False)
+    assert bad.returncode == 1 and "--name names one disk" in bad.stderr
+    assert not (target.parent / "other").exists()

@@ -151,3 +151,26 @@ def test_replicate_links_among_thousands(source: Source, target: Path,
     cid = content_id(source.images["base"])
     assert [p.name for p in visible_images(target) if content_id(p) == cid] == \
         [Path(first["top"]).name]
+
+
+def test_a_catalog_made_before_target_id_gains_the_column(tmp_path: Path) -> None:
+    """Datastores made before jobs journalled the target's content ID open, and get
+    the column; the jobs they hold keep their rows."""
+    import sqlite3
+
+    Catalog.init(str(tmp_path)).close()
+    db = sqlite3.connect(tmp_path / "vdisk.db")
+    with db:
+        db.execute("ALTER TABLE jobs DROP COLUMN target_id")
+        db.execute("INSERT INTO jobs (disk, kind, state, started, updated) "
+                   "VALUES ('a', 'consolidate', 'done', 0, 0)")
+    db.close()
+    c = Catalog(str(tmp_path))
+    try:
+        (job,) = c.jobs()
+        assert job["disk"] == "a" and job["target_id"] is None
+        c.update_job(job["id"], target_id="x")
+        assert c.job(job["id"])["target_id"] == "x"
+    finally:
+        c.close()
+    Catalog(str(tmp_path)).close()          # a second open finds it there
