@@ -161,6 +161,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
             directory = datastore_dir(args)
             if os.path.realpath(directory) == os.path.realpath(args.to):
                 raise CliError("the target datastore is the source datastore")
+            replicate.check_names_free(args.to, [args.name] if args.name else args.source)
             with service(args) as svc:
                 tops = {name: svc.execute("query-disks", {"disk": name})["disks"][0]["top"]
                         for name in args.source}             # every disk exists, first

@@ -81,6 +81,24 @@ def _empty(directory: str) -> bool:
     return True
 
 
+def check_names_free(target_dir: str, disks: list[str]) -> None:
+    """Refuse disk names the target already has, before anything is done for them
+    (a served source would otherwise be snapshotted for nothing)."""
+    from vdisk_block.catalog import DB_NAME, Catalog, check_disk_name
+
+    for disk in disks:
+        check_disk_name(target_dir, disk)
+    if not os.path.exists(os.path.join(target_dir, DB_NAME)):
+        return
+    catalog = Catalog(target_dir)
+    try:
+        taken = sorted(set(disks) & {r["name"] for r in catalog.disks()})
+    finally:
+        catalog.close()
+    if taken:
+        raise ReplicateError(f"disk {taken[0]!r} already exists on {catalog.dir}")
+
+
 @contextmanager
 def _target_lock(directory: str) -> Iterator[None]:
     fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
