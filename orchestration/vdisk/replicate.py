@@ -200,7 +200,9 @@ def replicate(source_top: str, target_dir: str, *, disk: str | None = None,
                 _remove_partials(catalog)
                 if disk is not None and any(r["name"] == disk for r in catalog.disks()):
                     raise ReplicateError(f"disk {disk!r} already exists on {catalog.dir}")
-                results = _copy_chain(catalog, layers, progress)
+                # a disk's new top is created in the same directory right after the
+                # copies, and syncs it: the last copy's rename needs no sync of its own
+                results = _copy_chain(catalog, layers, progress, sync_last=disk is None)
                 top_rel = results[0].image
                 if verify:                  # before a disk names the copies
                     _verify(catalog, results)
@@ -222,7 +224,8 @@ def replicate(source_top: str, target_dir: str, *, disk: str | None = None,
     }
 
 
-def _copy_chain(catalog: Any, layers: list[Any], progress: Progress | None) -> list[Layer]:
+def _copy_chain(catalog: Any, layers: list[Any], progress: Progress | None,
+                sync_last: bool = True) -> list[Layer]:
     """Plan (copy the top; link at the first parent the target has), then copy
     bottom-up, each image renamed into place only when complete. Top first."""
     from vdisk_block import identity, layercopy
@@ -247,7 +250,7 @@ def _copy_chain(catalog: Any, layers: list[Any], progress: Progress | None) -> l
         f = plan[-1][0]
         results.append(Layer(f.path, below, "linked", 0,
                              identity.format_id(f.identity.content_id), f.identity.state))
-    for f, rel in reversed(list(zip(copies, names, strict=True))):
+    for n, (f, rel) in enumerate(reversed(list(zip(copies, names, strict=True)))):
         label = os.path.basename(f.path)
 
         def step(n: int, label: str = label) -> None:
@@ -261,7 +264,8 @@ def _copy_chain(catalog: Any, layers: list[Any], progress: Progress | None) -> l
         res = layercopy.copy_layer(f.path, tmp, backing=backing,
                                    backing_format="qcow2" if backing else None, progress=step)
         os.rename(tmp, catalog.abspath(rel))
-        fsync_dir(os.path.dirname(catalog.abspath(rel)))
+        if sync_last or n < len(copies) - 1:
+            fsync_dir(os.path.dirname(catalog.abspath(rel)))
         results.append(Layer(f.path, rel, "copied", res.bytes_moved,
                              identity.format_id(f.identity.content_id), f.identity.state))
         below = rel

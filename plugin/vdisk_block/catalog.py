@@ -117,15 +117,23 @@ class Catalog:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; ``durable=False`` skips the sync of its commit (for what
+        can be rebuilt, like the image index: a crash may lose it, never tear it)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     # -- paths --------------------------------------------------------------------
 
@@ -306,7 +314,8 @@ class Catalog:
                 seen[rel] = row
         gone = [p for p in known if p not in seen]
         if changed or gone:
-            with self.transaction() as db:
+            # the index caches what the files say: a commit lost in a crash is read again
+            with self.transaction(durable=False) as db:
                 db.executemany("INSERT OR REPLACE INTO images VALUES (:path, :stamp, :state, "
                                ":content_id, :parent_id, :virtual_size, :backing)", changed)
                 db.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
