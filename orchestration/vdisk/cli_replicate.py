@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Any
 
 from . import blockpath  # noqa: F401  (makes vdisk_block importable)
@@ -143,7 +144,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     def progress(done: int, total: int, label: str) -> None:
         bar.update(done, total, label=f"copy {label}")
 
-    results: list[dict[str, Any]] = []
+    t0 = time.monotonic()
     with bar:
         if args.datastore is None:
             if len(args.source) != 1:
@@ -152,9 +153,9 @@ def cmd_replicate(args: argparse.Namespace) -> int:
                 raise CliError("--name needs a disk (-d DIR DISK)")
             if not os.path.exists(args.source[0]):
                 raise CliError(f"{args.source[0]}: no such image")
-            results.append(replicate.replicate(args.source[0], args.to, verify=args.verify,
-                                               progress=progress))
-            results[0]["snapshot"] = None
+            with replicate.Session(args.to, verify=args.verify, progress=progress) as session:
+                session.add(args.source[0])
+            snapshots: list[Any] = [None]
         else:
             if args.name is not None and len(args.source) != 1:
                 raise CliError("--name names one disk")
@@ -162,7 +163,9 @@ def cmd_replicate(args: argparse.Namespace) -> int:
             if os.path.realpath(directory) == os.path.realpath(args.to):
                 raise CliError("the target datastore is the source datastore")
             replicate.check_names_free(args.to, [args.name] if args.name else args.source)
-            with service(args) as svc:
+            snapshots = []
+            with service(args) as svc, \
+                    replicate.Session(args.to, verify=args.verify, progress=progress) as session:
                 tops = {name: svc.execute("query-disks", {"disk": name})["disks"][0]["top"]
                         for name in args.source}             # every disk exists, first
                 for name in args.source:
@@ -172,17 +175,20 @@ def cmd_replicate(args: argparse.Namespace) -> int:
                         # the copied top must not change while it is read: freeze it
                         snap = svc.execute("snapshot", {"disk": name})
                         top = os.path.join(directory, snap["frozen"])
-                    result = replicate.replicate(top, args.to, disk=args.name or name,
-                                                 verify=args.verify, progress=progress)
-                    result["snapshot"] = snap
-                    results.append(result)
+                    snapshots.append(snap)
+                    session.add(top, disk=args.name or name)
+    results = session.results
+    for result, snap in zip(results, snapshots, strict=True):
+        result["snapshot"] = snap
     text = "\n".join(_replicate_text(r) for r in results)
     if len(results) == 1:
         emit(args, results[0], text)
     else:
+        # the disks overlap (one is synced while the next is copied): their
+        # durations do not add up to the command's
         emit(args, {"results": results, **{k: sum(r[k] for r in results) for k in
-                                           ("copied", "linked", "bytes_moved", "duration_s")}},
-             text)
+                                           ("copied", "linked", "bytes_moved")},
+                    "duration_s": time.monotonic() - t0}, text)
     return 0
 
 

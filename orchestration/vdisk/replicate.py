@@ -16,13 +16,16 @@ file); each run first removes what an interrupted one left behind.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import blockpath, qemu_img  # noqa: F401  (blockpath: vdisk_block importable)
@@ -172,137 +175,324 @@ def _chain_opens(path: str) -> bool:
 def replicate(source_top: str, target_dir: str, *, disk: str | None = None,
               verify: bool = False,
               progress: Progress | None = None) -> dict[str, Any]:
-    """Replicate the chain whose top is source_top (frozen or not written meanwhile:
-    every image is read-locked while it is read) into target_dir; with ``disk``,
-    the target gets a disk of that name: a new empty top on the copied chain.
+    """Replicate one chain (see Session.add); returns its result."""
+    with Session(target_dir, verify=verify, progress=progress) as session:
+        session.add(source_top, disk=disk)
+    return session.results[0]
 
-    Everything that can be refused is refused before the target is touched.
+
+@dataclass
+class _Job:
+    """One chain being replicated: its copies, bottom-up, and what follows them."""
+
+    source: str
+    disk: str | None
+    top: tuple[int, int, bytes | None]          # source top: size, cluster bits, valid ID
+    results: list[Layer]                        # top first
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    t0: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Commit:
+    tmp: str
+    path: str
+    sync_dir: bool
+    job: _Job
+    last: bool
+
+
+class _Committer:
+    """Syncs finished copies and renames them into place, in the order they were
+    queued, in a thread of its own: the disk writes one copy back while the
+    next is being copied (a copy only starts its writeback).
+
+    Order is what keeps a target whole: a copy is renamed only after the
+    image below it (queued before it), and never after a failure: every
+    commit queued after one that failed is abandoned, its file left under its
+    temporary name for the caller to remove.
     """
-    from vdisk_block.catalog import check_disk_name
-    from vdisk_block.chain import open_chain
 
-    t0 = time.monotonic()
-    if disk is not None:
-        check_disk_name(target_dir, disk)
-    layers = open_chain(source_top, readonly=True)       # refuses a modified parent
-    try:
-        inside = os.path.realpath(target_dir) + os.sep
-        for f in layers:
-            if f.fmt != "qcow2":
-                raise ReplicateError(f"{f.path}: only qcow2 images can be replicated, "
-                                     f"not {f.fmt}")
-            if os.path.realpath(f.path).startswith(inside):
-                raise ReplicateError(f"the target is the source datastore: {f.path} is "
-                                     f"in {target_dir}")
-        catalog = open_target(target_dir)
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.failed: BaseException | None = None
+
+    def submit(self, commit: _Commit) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="replicate-commit",
+                                            daemon=True)
+            self._thread.start()
+        self._queue.put(commit)
+
+    def stop(self) -> None:
+        """Wait until everything queued is committed or abandoned."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        from vdisk_block.create import fsync_dir
+
+        while (c := self._queue.get()) is not None:
+            if self.failed is None:
+                try:
+                    fd = os.open(c.tmp, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    os.rename(c.tmp, c.path)
+                    if c.sync_dir:
+                        fsync_dir(os.path.dirname(c.path))
+                except BaseException as e:          # noqa: BLE001  (reported by the job)
+                    self.failed = e
+            if self.failed is not None and c.job.error is None:
+                c.job.error = self.failed
+            if c.last or c.job.error is not None:
+                c.job.done.set()
+
+
+class Session:
+    """Replicates chains into one target, one after another, under its lock.
+
+    Each chain's copies are synced and renamed by a committer thread while the
+    next layer (or the next chain) is copied; the disk a chain names is added
+    once its copies are in place. A later chain may link to an earlier one's
+    copy before that copy is committed: it is committed after it. Results, in
+    the order of add(), are in ``results`` once the session ends.
+    """
+
+    def __init__(self, target_dir: str, *, verify: bool = False,
+                 progress: Progress | None = None) -> None:
+        self.target_dir = target_dir
+        self.verify = verify
+        self.progress = progress
+        self.results: list[dict[str, Any]] = []
+        self.catalog: Any = None
+        self._stack = ExitStack()
+        self._committer = _Committer()
+        self._jobs: list[_Job] = []                 # added, disk not yet added
+        self._own: dict[tuple[bytes, int], str] = {}   # (ID, size) -> copy made here
+        self._names: set[str] = set()               # image names taken by this session
+        self._disks: set[str] = set()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
-            with _target_lock(catalog.dir):
-                _remove_partials(catalog)
-                if disk is not None and any(r["name"] == disk for r in catalog.disks()):
-                    raise ReplicateError(f"disk {disk!r} already exists on {catalog.dir}")
-                # a disk's new top is created in the same directory right after the
-                # copies, and syncs it: the last copy's rename needs no sync of its own
-                results = _copy_chain(catalog, layers, progress, sync_last=disk is None)
-                top_rel = results[0].image
-                if verify:                  # before a disk names the copies
-                    _verify(catalog, results)
-                if disk is not None:
-                    top_rel = _add_disk(catalog, disk, layers[0], results[0].image)
+            self.finish()
+        except Exception:
+            if exc is None:
+                raise
+            # the error that stopped the session is the one to report; the
+            # chains before it are finished (and kept) all the same
         finally:
-            catalog.close()
-    finally:
-        for f in layers:
-            f.close()
-    return {
-        "source": os.path.abspath(source_top), "target": catalog.dir, "disk": disk,
-        "top": top_rel, "layers": [asdict(r) for r in results],
-        "copied": sum(r.action == "copied" for r in results),
-        "linked": sum(r.action == "linked" for r in results),
-        "bytes_moved": sum(r.bytes_moved for r in results),
-        "verified": all(r.verified for r in results) if verify else None,
-        "duration_s": time.monotonic() - t0,
-    }
+            self._stack.close()
+
+    def add(self, source_top: str, disk: str | None = None) -> None:
+        """Replicate the chain whose top is source_top (frozen or not written
+        meanwhile: every image is read-locked while it is read); with ``disk``,
+        the target gets a disk of that name: a new empty top on the copied chain.
+
+        Everything that can be refused is refused before the target is touched.
+        """
+        from vdisk_block.catalog import check_disk_name
+        from vdisk_block.chain import open_chain
+
+        t0 = time.monotonic()
+        if disk is not None:
+            check_disk_name(self.target_dir, disk)
+        layers = open_chain(source_top, readonly=True)   # refuses a modified parent
+        try:
+            inside = os.path.realpath(self.target_dir) + os.sep
+            for f in layers:
+                if f.fmt != "qcow2":
+                    raise ReplicateError(f"{f.path}: only qcow2 images can be replicated, "
+                                         f"not {f.fmt}")
+                if os.path.realpath(f.path).startswith(inside):
+                    raise ReplicateError(f"the target is the source datastore: {f.path} is "
+                                         f"in {self.target_dir}")
+            catalog = self._open()
+            if disk is not None and (disk in self._disks or
+                                     any(r["name"] == disk for r in catalog.disks())):
+                raise ReplicateError(f"disk {disk!r} already exists on {catalog.dir}")
+            top = layers[0]
+            job = _Job(os.path.abspath(source_top), disk,
+                       (top.size, top.cluster_bits,
+                        top.identity.content_id if top.identity.valid else None),
+                       [], t0=t0)
+            self._jobs.append(job)
+            if disk is not None:
+                self._disks.add(disk)
+            try:
+                self._copy_chain(job, layers)
+            except BaseException:
+                # what it queued is committed all the same (whole images, as when
+                # each copy was renamed at once); the chain itself is not finished
+                self._jobs.remove(job)
+                raise
+        finally:
+            for f in layers:
+                f.close()
+        self._collect(wait=False)
+
+    def finish(self) -> None:
+        """Wait for every copy to be in place; add the disks; raise the first error."""
+        try:
+            self._committer.stop()
+            self._collect(wait=True)
+        finally:
+            self._remove_abandoned()
+
+    def _open(self) -> Any:
+        if self.catalog is None:
+            catalog = open_target(self.target_dir)
+            self._stack.callback(catalog.close)
+            self._stack.enter_context(_target_lock(catalog.dir))
+            _remove_partials(catalog)
+            self.catalog = catalog
+        return self.catalog
+
+    def _copy_chain(self, job: _Job, layers: list[Any]) -> None:
+        """Plan (copy the top; link at the first parent the target has), then copy
+        bottom-up, each copy queued for the committer as soon as it is written."""
+        from vdisk_block import identity, layercopy
+        from vdisk_block.catalog import partial_name
+
+        catalog = self.catalog
+        catalog.scan_images()
+        tops = {os.path.realpath(catalog.abspath(r["top"])) for r in catalog.disks()}
+        plan: list[tuple[Any, str | None]] = []         # (layer, image it links to)
+        for i, f in enumerate(layers):
+            match = self._match(f, tops) if i > 0 else None
+            plan.append((f, match))
+            if match is not None:
+                break
+        copies = [f for f, match in plan if match is None]
+        names = self._target_names(copies)
+        total = sum(layercopy.plan_bytes(f.path) for f in copies)
+        done = 0
+        below = plan[-1][1]                              # what the deepest copy links to
+        results: list[Layer] = []
+        if below is not None:
+            f = plan[-1][0]
+            results.append(Layer(f.path, below, "linked", 0,
+                                 identity.format_id(f.identity.content_id), f.identity.state))
+        for n, (f, rel) in enumerate(reversed(list(zip(copies, names, strict=True)))):
+            label = os.path.basename(f.path)
+
+            def step(n: int, label: str = label) -> None:
+                nonlocal done
+                done += n
+                if self.progress is not None:
+                    self.progress(done, total, label)
+
+            backing = os.path.basename(below) if below else None
+            tmp = catalog.abspath(partial_name(rel))
+            res = layercopy.copy_layer(f.path, tmp, backing=backing,
+                                       backing_format="qcow2" if backing else None,
+                                       progress=step, sync=False)
+            last = n == len(copies) - 1
+            # a disk's new top is created in the same directory right after the
+            # copies, and syncs it: the last copy's rename needs no sync of its own
+            self._committer.submit(_Commit(tmp, catalog.abspath(rel),
+                                           sync_dir=not last or job.disk is None,
+                                           job=job, last=last))
+            results.append(Layer(f.path, rel, "copied", res.bytes_moved,
+                                 identity.format_id(f.identity.content_id), f.identity.state))
+            if f.identity.valid:
+                self._own.setdefault((f.identity.content_id, f.size), rel)
+            below = rel
+        job.results = results[::-1]
+
+    def _match(self, f: Any, tops: set[str]) -> str | None:
+        """A copy this session made (committed or queued), else find_match."""
+        if f.identity.valid and (f.identity.content_id, f.size) in self._own:
+            return self._own[(f.identity.content_id, f.size)]
+        return find_match(self.catalog, f, tops)
+
+    def _target_names(self, copies: list[Any]) -> list[str]:
+        names = _target_names(self.catalog, copies, taken=self._names)
+        self._names.update(names)
+        return names
+
+    def _collect(self, *, wait: bool) -> None:
+        """Finish the chains whose copies are in place, in order: the target learns
+        them, --verify compares them, and a disk is added on each."""
+        while self._jobs and (wait or self._jobs[0].done.is_set()):
+            job = self._jobs[0]
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+            self._jobs.pop(0)
+            self.catalog.scan_images()              # the target learns the new images
+            if self.verify:                         # before a disk names the copies
+                _verify(self.catalog, job.results)
+            top_rel = job.results[0].image
+            if job.disk is not None:
+                top_rel = _add_disk(self.catalog, job.disk, job.top, job.results[0].image)
+            results = job.results
+            self.results.append({
+                "source": job.source, "target": self.catalog.dir, "disk": job.disk,
+                "top": top_rel, "layers": [asdict(r) for r in results],
+                "copied": sum(r.action == "copied" for r in results),
+                "linked": sum(r.action == "linked" for r in results),
+                "bytes_moved": sum(r.bytes_moved for r in results),
+                "verified": all(r.verified for r in results) if self.verify else None,
+                "duration_s": time.monotonic() - job.t0,
+            })
+
+    def _remove_abandoned(self) -> None:
+        """The copies of chains that will not be finished: the committer never got
+        to them (or never will); nothing links to them."""
+        from vdisk_block.catalog import partial_name
+
+        if self.catalog is None:
+            return
+        for job in self._jobs:
+            for r in job.results:
+                if r.action == "copied":
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.catalog.abspath(partial_name(r.image)))
 
 
-def _copy_chain(catalog: Any, layers: list[Any], progress: Progress | None,
-                sync_last: bool = True) -> list[Layer]:
-    """Plan (copy the top; link at the first parent the target has), then copy
-    bottom-up, each image renamed into place only when complete. Top first."""
-    from vdisk_block import identity, layercopy
-    from vdisk_block.catalog import partial_name
-    from vdisk_block.create import fsync_dir
-
-    catalog.scan_images()
-    tops = {os.path.realpath(catalog.abspath(r["top"])) for r in catalog.disks()}
-    plan: list[tuple[Any, str | None]] = []         # (layer, image it links to)
-    for i, f in enumerate(layers):
-        match = find_match(catalog, f, tops) if i > 0 else None
-        plan.append((f, match))
-        if match is not None:
-            break
-    copies = [f for f, match in plan if match is None]
-    names = _target_names(catalog, copies)
-    total = sum(layercopy.plan_bytes(f.path) for f in copies)
-    done = 0
-    below = plan[-1][1]                              # what the deepest copy links to
-    results: list[Layer] = []
-    if below is not None:
-        f = plan[-1][0]
-        results.append(Layer(f.path, below, "linked", 0,
-                             identity.format_id(f.identity.content_id), f.identity.state))
-    for n, (f, rel) in enumerate(reversed(list(zip(copies, names, strict=True)))):
-        label = os.path.basename(f.path)
-
-        def step(n: int, label: str = label) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total, label)
-
-        backing = os.path.basename(below) if below else None
-        tmp = catalog.abspath(partial_name(rel))
-        res = layercopy.copy_layer(f.path, tmp, backing=backing,
-                                   backing_format="qcow2" if backing else None, progress=step)
-        os.rename(tmp, catalog.abspath(rel))
-        if sync_last or n < len(copies) - 1:
-            fsync_dir(os.path.dirname(catalog.abspath(rel)))
-        results.append(Layer(f.path, rel, "copied", res.bytes_moved,
-                             identity.format_id(f.identity.content_id), f.identity.state))
-        below = rel
-    catalog.scan_images()                           # the target learns the new images
-    return results[::-1]
-
-
-def _target_names(catalog: Any, copies: list[Any]) -> list[str]:
+def _target_names(catalog: Any, copies: list[Any], taken: set[str]) -> list[str]:
     """Each copy keeps its source's file name where the target has none such,
-    else gets a fresh one; all distinct, none existing (nor being written)."""
+    else gets a fresh one; all distinct, none existing (nor being written, nor
+    ``taken``)."""
     from vdisk_block.catalog import IMAGES, partial_name
 
     names: list[str] = []
     for f in copies:
         name = os.path.basename(f.path)
         rel = os.path.join(IMAGES, name if name.endswith(".qcow2") else name + ".qcow2")
-        if rel in names or os.path.lexists(catalog.abspath(rel)) or \
+        if rel in names or rel in taken or os.path.lexists(catalog.abspath(rel)) or \
                 os.path.lexists(catalog.abspath(partial_name(rel))):
             # images/vm-20261124T232839-0.qcow2 -> vm-<now>-N.qcow2
             stem = re.sub(r"-\d{8}T\d{6}-\d+$", "", rel[len(IMAGES) + 1: -len(".qcow2")])
-            rel = next(n for n in catalog.new_image_paths(stem, len(copies) + 1)
-                       if n not in names)
+            rel = next(n for n in catalog.new_image_paths(stem, len(copies) + len(taken) + 1)
+                       if n not in names and n not in taken)
         names.append(rel)
     return names
 
 
-def _add_disk(catalog: Any, disk: str, source_top: Any, top_copy: str) -> str:
-    """A new empty top on the copied chain, and the disk naming it."""
+def _add_disk(catalog: Any, disk: str, source_top: tuple[int, int, bytes | None],
+              top_copy: str) -> str:
+    """A new empty top on the copied chain, and the disk naming it; source_top is
+    the source top's virtual size, cluster bits and (valid) content ID."""
     from vdisk_block.catalog import partial_name
     from vdisk_block.create import create_qcow2
 
+    size, cluster_bits, content_id = source_top
     rel = catalog.new_image_path(disk)
     path, tmp = catalog.abspath(rel), catalog.abspath(partial_name(rel))
-    create_qcow2(path, source_top.size, cluster_bits=source_top.cluster_bits,
+    create_qcow2(path, size, cluster_bits=cluster_bits,
                  backing=os.path.basename(top_copy), backing_format="qcow2",
-                 parent_id=source_top.identity.content_id if source_top.identity.valid
-                 else None, tmp=tmp)
+                 parent_id=content_id, tmp=tmp)
     try:
         catalog.add_disk(disk, rel)
     except BaseException:

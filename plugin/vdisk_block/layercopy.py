@@ -92,12 +92,14 @@ def plan_bytes(src_path: str) -> int:
 
 
 def copy_layer(src_path: str, dst_path: str, *, backing: str | None,
-               backing_format: str | None, progress: Progress | None = None) -> CopyResult:
+               backing_format: str | None, progress: Progress | None = None,
+               sync: bool = True) -> CopyResult:
     """Copy the layer src_path into a new file dst_path (which must not exist).
 
     ``backing``/``backing_format`` are written in the copy's header as given.
     ``progress(n)`` is called with the guest data bytes moved after each chunk;
-    their total is plan_bytes(src_path).
+    their total is plan_bytes(src_path). With ``sync=False`` the copy is left
+    for the caller to fsync (its writeback is already under way).
     """
     f = Qcow2File(src_path, writable=False)
     try:
@@ -115,7 +117,8 @@ def copy_layer(src_path: str, dst_path: str, *, backing: str | None,
         fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             _write_copy(f, fd, scan, layout, first, progress)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
