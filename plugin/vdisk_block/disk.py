@@ -21,6 +21,8 @@ import threading
 from typing import Protocol
 
 from .clustermap import (
+    CHUNK_BITS,
+    CHUNK_MASK,
     KIND_COMPRESSED,
     LAYER_SHIFT,
     PAYLOAD_MASK,
@@ -57,6 +59,9 @@ class Disk:
         self.size = layers[0].size
         sizes = [f.cluster_size for f in layers if f.cluster_size]
         self.map = ClusterMap(self.size, min(sizes) if sizes else 65536, self.path)
+        self._g = self.map.g                  # a power of two, fixed for the disk's life
+        self._gbits = self._g.bit_length() - 1
+        self._gmask = self._g - 1
         # per layer id (0 = base): descriptor and the end of its visible data
         self._fds: list[int] = []
         self.limits: list[int] = []
@@ -144,24 +149,28 @@ class Disk:
 
     def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
         n = len(buf)
-        slot, within = divmod(offset, self.map.g)
-        if 0 <= offset and within + n <= self.map.g and offset + n <= self.size:
-            # Fast path, the common small random read: one slot of plain data.
+        within = offset & self._gmask
+        if within + n <= self._g and 0 <= offset and offset + n <= self.size:
+            # Fast path, the common small random read: one slot of plain data
+            # (the map's get() inlined: this runs once per NBD read).
             # With concurrent_reads (nbdkit's parallel thread model) the preadv
             # runs outside the lock, counted in _inflight so that no descriptor
             # is closed under it.
             fd = -1
             with self.lock:
-                e = self.map.get(slot)
-                if e and not e & KIND_COMPRESSED and \
-                        offset + n <= self.limits[(e >> LAYER_SHIFT) - 1]:
-                    fd = self._fds[(e >> LAYER_SHIFT) - 1]
-                    if not self.concurrent_reads:
-                        if os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within) == n:
-                            return
-                        fd = -1
-                    else:
-                        self._inflight += 1
+                slot = offset >> self._gbits
+                c = self.map.chunks[slot >> CHUNK_BITS]
+                e = 0 if c is None else c[slot & CHUNK_MASK]
+                if e and not e & KIND_COMPRESSED:
+                    layer = (e >> LAYER_SHIFT) - 1
+                    if offset + n <= self.limits[layer]:
+                        fd = self._fds[layer]
+                        if not self.concurrent_reads:
+                            if os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within) == n:
+                                return
+                            fd = -1
+                        else:
+                            self._inflight += 1
             if fd >= 0:
                 try:
                     got = os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within)
