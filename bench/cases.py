@@ -17,7 +17,7 @@ from pathlib import Path
 import images
 import workloads
 from report import Target
-from servers import ALL_SERVERS, NBDKIT_FILE, QEMU_NBD, VDISK
+from servers import ALL_SERVERS, NBDKIT_FILE, PY_FLOOR, QEMU_NBD, RAW_SERVERS, VDISK
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def build_cases(args: argparse.Namespace, imgdir: Path) -> list[Case]:
                                        images.qcow2_from_raw(single_raw, single, cs)))
 
     def single_for(server: str, _rundir: Path) -> Path:
-        return single_raw if server == NBDKIT_FILE else single
+        return single_raw if server in RAW_SERVERS else single
 
     def nbdcopy_mibs(size: int) -> Callable[[str, int], float]:
         return lambda uri, rep: size / MiB / workloads.nbdcopy_read(uri, args.nbdcopy_requests)
@@ -105,15 +105,20 @@ def build_cases(args: argparse.Namespace, imgdir: Path) -> list[Case]:
     if "chain" in want:
         for depth in args.chain_depths:
             top = imgdir / f"chain{depth}" / f"layer{depth - 1:02d}.qcow2"
-            timed(f"chain depth {depth}", lambda d=depth: images.build_chain(
-                imgdir / f"chain{d}", d, args.chain_size, cs, args.seed))
+            flat = imgdir / f"chain{depth}" / "flat.raw"
+            timed(f"chain depth {depth}", lambda d=depth, t=top, r=flat: (
+                images.build_chain(imgdir / f"chain{d}", d, args.chain_size, cs, args.seed),
+                images.qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(t), str(r))))
             layers = sorted(top.parent.glob("layer*.qcow2"))
             cases.append(Case(
                 f"chain-{depth}",
-                f"seq read chain depth {depth} ({human(args.chain_size)})", "MiB/s",
-                [VDISK, QEMU_NBD], lambda s, r, t=top: t, nbdcopy_mibs(args.chain_size),
+                f"seq read chain depth {depth} ({human(args.chain_size)}, file: raw)", "MiB/s",
+                list(ALL_SERVERS), lambda s, r, t=top, f=flat: f if s in RAW_SERVERS else t,
+                nbdcopy_mibs(args.chain_size),
                 target=Target(QEMU_NBD, 1.3) if depth == 16 else None,
-                cache_files=lambda s, p, ls=layers: ls))
+                cache_files=lambda s, p, ls=layers: [p] if s in RAW_SERVERS else ls,
+                note="nbdkit-file and py-floor read the chain flattened into one raw "
+                     "file: what a server without layers reaches"))
 
     if "rand" in want:
         for qd in (1, 16):
@@ -162,7 +167,8 @@ def build_cases(args: argparse.Namespace, imgdir: Path) -> list[Case]:
                             str(sparse_raw))))
         cases.append(Case(
             "sparse-read", f"sparse read {human(args.sparse_size)}, "
-            f"{human(args.sparse_allocated)} data (file: raw)", "MiB/s", list(ALL_SERVERS),
+            f"{human(args.sparse_allocated)} data (file: raw)", "MiB/s",
+            [s for s in ALL_SERVERS if s != PY_FLOOR],
             lambda s, r: sparse_raw if s == NBDKIT_FILE else sparse,
             nbdcopy_mibs(args.sparse_size), target=Target(QEMU_NBD, 0.8), repeat_factor=3,
             note="MiB/s of virtual size; nbdcopy skips holes found by extents"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from servers import ALL_SERVERS, NBDKIT_FILE, QEMU_NBD, VDISK
+from servers import ALL_SERVERS, NBDKIT_FILE, PY_FLOOR, QEMU_NBD, VDISK
 
-SHORT = {VDISK: "vdisk", QEMU_NBD: "qemu-nbd", NBDKIT_FILE: "file(raw)"}
+SHORT = {VDISK: "vdisk", QEMU_NBD: "qemu-nbd", NBDKIT_FILE: "file(raw)", PY_FLOOR: "py-floor"}
 
 
 @dataclass
@@ -55,7 +55,10 @@ class CaseResult:
     read_check: str | None = None  # qemu-img compare of the vdisk export, read workloads
 
     def ratio(self, peer: str) -> float | None:
-        mine = self.cells.get(VDISK)
+        return self.ratio_of(VDISK, peer)
+
+    def ratio_of(self, server: str, peer: str) -> float | None:
+        mine = self.cells.get(server)
         theirs = self.cells.get(peer)
         if not mine or not theirs or mine.median is None or not theirs.median:
             return None
@@ -80,7 +83,9 @@ class CaseResult:
             "target": None if self.target is None else {
                 "peer": self.target.peer, "ratio": self.target.ratio,
                 "measured": self.ratio(self.target.peer), "result": self.verdict()},
-            "ratios": {p: self.ratio(p) for p in (QEMU_NBD, NBDKIT_FILE) if p in self.cells},
+            "ratios": {p: self.ratio(p) for p in (QEMU_NBD, NBDKIT_FILE, PY_FLOOR)
+                       if p in self.cells},
+            "floor_vs_qemu": self.ratio_of(PY_FLOOR, QEMU_NBD),
             "servers": {
                 name: {"median": c.median, "samples": c.samples, "startup_s": c.startup_s,
                        "server_cpu_s": c.cpu_s,
@@ -108,13 +113,16 @@ def _fmt_ratio(r: float | None) -> str:
 def render_table(results: list[CaseResult], servers: list[str]) -> str:
     """The main table: median (± half range) per server, vdisk ratios, targets."""
     cols = [s for s in ALL_SERVERS if s in servers]
+    floor = PY_FLOOR in cols
     head = ["workload", "unit", *(SHORT[s] for s in cols), "vdisk/qemu", "vdisk/file",
-            "target", ""]
+            *(["vdisk/floor", "floor/qemu"] if floor else []), "target", ""]
     rows = [head]
     for res in results:
         rows.append([
             res.title, res.unit, *(_fmt_value(res.cells.get(s)) for s in cols),
             _fmt_ratio(res.ratio(QEMU_NBD)), _fmt_ratio(res.ratio(NBDKIT_FILE)),
+            *([_fmt_ratio(res.ratio(PY_FLOOR)), _fmt_ratio(res.ratio_of(PY_FLOOR, QEMU_NBD))]
+              if floor else []),
             res.target.describe() if res.target else "", res.verdict(),
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

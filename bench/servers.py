@@ -11,7 +11,10 @@ Servers (all started the way a user would start them, default options):
 - ``qemu-nbd``: ``qemu-nbd -f qcow2 -k SOCK -t --shared=16 [-r] PATH`` with its
   defaults ``--cache=writeback --aio=threads``, ``--discard=ignore``,
   ``--detect-zeroes=off``;
-- ``nbdkit-file``: ``nbdkit -f -U SOCK [-r] file file=PATH`` on a raw image.
+- ``nbdkit-file``: ``nbdkit -f -U SOCK [-r] file file=PATH`` on a raw image;
+- ``py-floor``: ``nbdkit -f -U SOCK -r python bench/floor_plugin.py file=PATH`` on
+  the same raw image: one ``os.preadv`` per read, vdisk's thread model, so the
+  most any nbdkit Python plugin can do here (read workloads only).
 
 Binaries are overridable by ``$NBDKIT`` and ``$QEMU_NBD``.
 """
@@ -38,7 +41,10 @@ PLUGIN = REPO / "plugin" / "vdisk_nbdkit.py"
 VDISK = "vdisk"
 QEMU_NBD = "qemu-nbd"
 NBDKIT_FILE = "nbdkit-file"
-ALL_SERVERS = (VDISK, QEMU_NBD, NBDKIT_FILE)
+PY_FLOOR = "py-floor"
+ALL_SERVERS = (VDISK, QEMU_NBD, NBDKIT_FILE, PY_FLOOR)
+RAW_SERVERS = (NBDKIT_FILE, PY_FLOOR)          # served the raw equivalent of the image
+FLOOR_PLUGIN = REPO / "bench" / "floor_plugin.py"
 
 
 class ServerError(Exception):
@@ -223,6 +229,11 @@ def make_server(
     elif name == NBDKIT_FILE:
         argv = [nbdkit, "-f", "--exit-with-parent", "-U", str(sock), *ro,
                 "file", f"file={image}"]
+    elif name == PY_FLOOR:
+        if not readonly:
+            raise ValueError("py-floor serves reads only")
+        argv = [nbdkit, "-f", "--exit-with-parent", "-U", str(sock), "-r",
+                "python", str(FLOOR_PLUGIN), f"file={image}"]
     else:
         raise ValueError(f"unknown server {name!r}")
     return ServerProcess(name, argv, sock, log_path, start_timeout)
