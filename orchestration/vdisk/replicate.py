@@ -196,6 +196,7 @@ class _Job:
 
 @dataclass
 class _Commit:
+    fd: int                     # the copy, open since it was written; closed by the committer
     tmp: str
     path: str
     sync_dir: bool
@@ -210,8 +211,8 @@ class _Committer:
 
     Order is what keeps a target whole: a copy is renamed only after the
     image below it (queued before it), and never after a failure: every
-    commit queued after one that failed is abandoned, its file left under its
-    temporary name for the caller to remove.
+    commit queued after one that failed (or after abort()) is abandoned, its
+    file left under its temporary name for the caller to remove.
     """
 
     def __init__(self) -> None:
@@ -226,6 +227,11 @@ class _Committer:
             self._thread.start()
         self._queue.put(commit)
 
+    def abort(self, reason: BaseException) -> None:
+        """Abandon every commit not yet started."""
+        if self.failed is None:
+            self.failed = reason
+
     def stop(self) -> None:
         """Wait until everything queued is committed or abandoned."""
         if self._thread is not None:
@@ -237,18 +243,19 @@ class _Committer:
         from vdisk_block.create import fsync_dir
 
         while (c := self._queue.get()) is not None:
-            if self.failed is None:
-                try:
-                    fd = os.open(c.tmp, os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+            try:
+                if self.failed is None:
+                    # the descriptor that wrote the copy: its fsync reports any
+                    # writeback error, which a fresh open could miss
+                    os.fsync(c.fd)
                     os.rename(c.tmp, c.path)
                     if c.sync_dir:
                         fsync_dir(os.path.dirname(c.path))
-                except BaseException as e:          # noqa: BLE001  (reported by the job)
-                    self.failed = e
+            except BaseException as e:              # noqa: BLE001  (reported by the job)
+                self.failed = e
+            finally:
+                with contextlib.suppress(OSError):
+                    os.close(c.fd)
             if self.failed is not None and c.job.error is None:
                 c.job.error = self.failed
             if c.last or c.job.error is not None:
@@ -278,6 +285,7 @@ class Session:
         self._own: dict[tuple[bytes, int], str] = {}   # (ID, size) -> copy made here
         self._names: set[str] = set()               # image names taken by this session
         self._disks: set[str] = set()
+        self._stopped = False                       # a chain failed: finish none after it
 
     def __enter__(self) -> Session:
         return self
@@ -325,28 +333,34 @@ class Session:
                        (top.size, top.cluster_bits,
                         top.identity.content_id if top.identity.valid else None),
                        [], t0=t0)
-            self._jobs.append(job)
-            if disk is not None:
-                self._disks.add(disk)
             try:
+                self._jobs.append(job)
+                if disk is not None:
+                    self._disks.add(disk)
                 self._copy_chain(job, layers)
             except BaseException:
                 # what it queued is committed all the same (whole images, as when
                 # each copy was renamed at once); the chain itself is not finished
-                self._jobs.remove(job)
+                if job in self._jobs:
+                    self._jobs.remove(job)
                 raise
         finally:
             for f in layers:
                 f.close()
-        self._collect(wait=False)
+        self._collect(every=False)
 
     def finish(self) -> None:
-        """Wait for every copy to be in place; add the disks; raise the first error."""
+        """Wait for every copy to be in place; add the disks; raise the first error.
+        After a chain failed, the chains queued behind it are not finished."""
         try:
             self._committer.stop()
-            self._collect(wait=True)
+            if not self._stopped:
+                self._collect(every=True)
         finally:
-            self._remove_abandoned()
+            if self.catalog is not None:
+                # under the lock every temporary file is this session's: what a
+                # failure abandoned, or a copy cut short
+                _remove_partials(self.catalog)
 
     def _open(self) -> Any:
         if self.catalog is None:
@@ -393,13 +407,16 @@ class Session:
 
             backing = os.path.basename(below) if below else None
             tmp = catalog.abspath(partial_name(rel))
+            if self._committer.failed is not None:
+                raise self._committer.failed        # nothing more would be committed
             res = layercopy.copy_layer(f.path, tmp, backing=backing,
                                        backing_format="qcow2" if backing else None,
                                        progress=step, sync=False)
+            assert res.fd is not None
             last = n == len(copies) - 1
             # a disk's new top is created in the same directory right after the
             # copies, and syncs it: the last copy's rename needs no sync of its own
-            self._committer.submit(_Commit(tmp, catalog.abspath(rel),
+            self._committer.submit(_Commit(res.fd, tmp, catalog.abspath(rel),
                                            sync_dir=not last or job.disk is None,
                                            job=job, last=last))
             results.append(Layer(f.path, rel, "copied", res.bytes_moved,
@@ -420,44 +437,42 @@ class Session:
         self._names.update(names)
         return names
 
-    def _collect(self, *, wait: bool) -> None:
+    def _collect(self, *, every: bool) -> None:
         """Finish the chains whose copies are in place, in order: the target learns
-        them, --verify compares them, and a disk is added on each."""
-        while self._jobs and (wait or self._jobs[0].done.is_set()):
-            job = self._jobs[0]
-            job.done.wait()
-            if job.error is not None:
-                raise job.error
-            self._jobs.pop(0)
-            self.catalog.scan_images()              # the target learns the new images
-            if self.verify:                         # before a disk names the copies
-                _verify(self.catalog, job.results)
-            top_rel = job.results[0].image
-            if job.disk is not None:
-                top_rel = _add_disk(self.catalog, job.disk, job.top, job.results[0].image)
-            results = job.results
-            self.results.append({
-                "source": job.source, "target": self.catalog.dir, "disk": job.disk,
-                "top": top_rel, "layers": [asdict(r) for r in results],
-                "copied": sum(r.action == "copied" for r in results),
-                "linked": sum(r.action == "linked" for r in results),
-                "bytes_moved": sum(r.bytes_moved for r in results),
-                "verified": all(r.verified for r in results) if self.verify else None,
-                "duration_s": time.monotonic() - job.t0,
-            })
+        them, --verify compares them, and a disk is added on each. ``every``: all
+        of them, the committer being stopped. The first failure stops the session:
+        the commits not yet made are abandoned."""
+        try:
+            while self._jobs and (every or self._jobs[0].done.is_set()):
+                self._finish_job(self._jobs[0])
+                self._jobs.pop(0)
+        except BaseException as e:
+            self._stopped = True
+            self._committer.abort(e)
+            raise
 
-    def _remove_abandoned(self) -> None:
-        """The copies of chains that will not be finished: the committer never got
-        to them (or never will); nothing links to them."""
-        from vdisk_block.catalog import partial_name
-
-        if self.catalog is None:
-            return
-        for job in self._jobs:
-            for r in job.results:
-                if r.action == "copied":
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.catalog.abspath(partial_name(r.image)))
+    def _finish_job(self, job: _Job) -> None:
+        if not job.done.is_set():                   # only once the committer stopped
+            raise ReplicateError(f"{job.source}: replicate stopped before its copies "
+                                 "were all written")
+        if job.error is not None:
+            raise job.error
+        self.catalog.scan_images()                  # the target learns the new images
+        if self.verify:                             # before a disk names the copies
+            _verify(self.catalog, job.results)
+        top_rel = job.results[0].image
+        if job.disk is not None:
+            top_rel = _add_disk(self.catalog, job.disk, job.top, job.results[0].image)
+        results = job.results
+        self.results.append({
+            "source": job.source, "target": self.catalog.dir, "disk": job.disk,
+            "top": top_rel, "layers": [asdict(r) for r in results],
+            "copied": sum(r.action == "copied" for r in results),
+            "linked": sum(r.action == "linked" for r in results),
+            "bytes_moved": sum(r.bytes_moved for r in results),
+            "verified": all(r.verified for r in results) if self.verify else None,
+            "duration_s": time.monotonic() - job.t0,
+        })
 
 
 def _target_names(catalog: Any, copies: list[Any], taken: set[str]) -> list[str]:

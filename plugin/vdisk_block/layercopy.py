@@ -56,6 +56,7 @@ class CopyResult:
     data_bytes: int         # bytes of guest data clusters written
     clusters: int           # data clusters written
     zero_clusters: int      # zero-flag entries kept
+    fd: int | None = None   # with sync=False: the copy, still open, for the caller's fsync
 
 
 @dataclass
@@ -99,7 +100,9 @@ def copy_layer(src_path: str, dst_path: str, *, backing: str | None,
     ``backing``/``backing_format`` are written in the copy's header as given.
     ``progress(n)`` is called with the guest data bytes moved after each chunk;
     their total is plan_bytes(src_path). With ``sync=False`` the copy is left
-    for the caller to fsync (its writeback is already under way).
+    for the caller to fsync (its writeback is already under way) through
+    ``CopyResult.fd``, which the caller closes: fsyncing the descriptor that
+    wrote the data is what reports a writeback error.
     """
     f = Qcow2File(src_path, writable=False)
     try:
@@ -119,17 +122,19 @@ def copy_layer(src_path: str, dst_path: str, *, backing: str | None,
             _write_copy(f, fd, scan, layout, first, progress)
             if sync:
                 os.fsync(fd)
+                os.close(fd)
         except BaseException:
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(dst_path)
             raise
-        os.close(fd)
     finally:
         f.close()
     data_bytes = scan.data_clusters * cs
     return CopyResult(bytes_moved=layout.total * cs, data_bytes=data_bytes,
-                      clusters=scan.data_clusters, zero_clusters=scan.zero_clusters)
+                      clusters=scan.data_clusters, zero_clusters=scan.zero_clusters,
+                      fd=None if sync else fd)
 
 
 # -- planning ---------------------------------------------------------------------------

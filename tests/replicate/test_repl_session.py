@@ -149,6 +149,37 @@ def test_failed_sync_abandons_what_follows(source: Source, target: Path,
         catalog.close()
 
 
+def test_failure_finishing_a_disk_stops_the_ones_after(source: Source, target: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """vm1's --verify fails (found while vm2 is being copied or afterwards): vm1's
+    disk is not added, and neither is vm2's, though its copy was made; every
+    image left visible is whole, no temporary file is left, and the error raised
+    is vm1's."""
+    from vdisk.errors import ContentMismatch
+
+    compare = repl.qemu_img.compare
+    calls: list[str] = []
+
+    def mismatch_first(a: Any, b: Any, **kw: Any) -> None:
+        calls.append(str(a))
+        if len(calls) == 1:                 # vm1's top; vm2 would compare equal
+            raise ContentMismatch(["qemu-img", "compare", str(a), str(b)], 1, "", "differ")
+        compare(a, b, **kw)
+
+    monkeypatch.setattr(repl.qemu_img, "compare", mismatch_first)
+    with pytest.raises(repl.ReplicateError, match="verify: .* differs from") as failed, \
+            repl.Session(str(target), verify=True) as session:
+        session.add(str(source.top("vm1")), disk="vm1")
+        session.add(str(source.top("vm2")), disk="vm2")
+    assert str(source.top("vm1").name) in str(failed.value)
+    assert session.results == []
+    assert disks_on(target) == []
+    assert hidden_files(target) == []
+    for image in visible_images(target):
+        assert_chain_opens(image)
+    check_all(target)
+
+
 def test_disk_name_twice_in_one_session(source: Source, target: Path) -> None:
     """The second add() of a name refused before anything of it is copied, though
     the first one's disk is not added yet."""
