@@ -432,6 +432,24 @@ class Session:
             return self._own[(f.identity.content_id, f.size)]
         return find_match(self.catalog, f, tops)
 
+    def _discard(self, reason: BaseException) -> None:
+        """A copy differs from its source: it must never be linked to. Remove the
+        copies of the chain being finished and of every chain queued behind it
+        (which may link to them, and will not be finished), once no more of
+        them can be put in place."""
+        from vdisk_block.catalog import IMAGES
+        from vdisk_block.create import fsync_dir
+
+        self._committer.abort(reason)
+        self._committer.stop()
+        for job in self._jobs:
+            for r in job.results:
+                if r.action == "copied":
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.catalog.abspath(r.image))
+        fsync_dir(self.catalog.abspath(IMAGES))
+        self.catalog.scan_images()
+
     def _target_names(self, copies: list[Any]) -> list[str]:
         names = _target_names(self.catalog, copies, taken=self._names)
         self._names.update(names)
@@ -459,7 +477,11 @@ class Session:
             raise job.error
         self.catalog.scan_images()                  # the target learns the new images
         if self.verify:                             # before a disk names the copies
-            _verify(self.catalog, job.results)
+            try:
+                _verify(self.catalog, job.results)
+            except ReplicateError as e:
+                self._discard(e)
+                raise
         top_rel = job.results[0].image
         if job.disk is not None:
             top_rel = _add_disk(self.catalog, job.disk, job.top, job.results[0].image)
