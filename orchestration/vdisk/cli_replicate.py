@@ -145,6 +145,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         bar.update(done, total, label=f"copy {label}")
 
     t0 = time.monotonic()
+    session = replicate.Session(args.to, verify=args.verify, progress=progress)
     with bar:
         if args.datastore is None:
             if len(args.source) != 1:
@@ -153,7 +154,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
                 raise CliError("--name needs a disk (-d DIR DISK)")
             if not os.path.exists(args.source[0]):
                 raise CliError(f"{args.source[0]}: no such image")
-            with replicate.Session(args.to, verify=args.verify, progress=progress) as session:
+            with session:
                 session.add(args.source[0])
             snapshots: list[Any] = [None]
         else:
@@ -164,8 +165,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
                 raise CliError("the target datastore is the source datastore")
             replicate.check_names_free(args.to, [args.name] if args.name else args.source)
             snapshots = []
-            with service(args) as svc, \
-                    replicate.Session(args.to, verify=args.verify, progress=progress) as session:
+            with service(args) as svc, session:
                 tops = {name: svc.execute("query-disks", {"disk": name})["disks"][0]["top"]
                         for name in args.source}             # every disk exists, first
                 for name in args.source:

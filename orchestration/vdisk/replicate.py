@@ -172,15 +172,6 @@ def _chain_opens(path: str) -> bool:
     return True
 
 
-def replicate(source_top: str, target_dir: str, *, disk: str | None = None,
-              verify: bool = False,
-              progress: Progress | None = None) -> dict[str, Any]:
-    """Replicate one chain (see Session.add); returns its result."""
-    with Session(target_dir, verify=verify, progress=progress) as session:
-        session.add(source_top, disk=disk)
-    return session.results[0]
-
-
 @dataclass
 class _Job:
     """One chain being replicated: its copies, bottom-up, and what follows them."""
