@@ -89,7 +89,7 @@ def assert_replaces(original: Path, copy: Path, cs: int, size: int) -> None:
     assert clusters <= structures + refcount_clusters
 
 
-def copy_chain(chain: Chain, replica: Path) -> list[Path]:
+def copy_chain(chain: Chain, replica: Path, direct: bool = True) -> list[Path]:
     """Copy every layer; odd layers name their parent relative, even ones absolute."""
     replica.mkdir()
     copies = []
@@ -102,7 +102,7 @@ def copy_chain(chain: Chain, replica: Path) -> list[Path]:
         moved: list[int] = []
         result = copy_layer(str(path), str(dst), backing=backing,
                             backing_format="qcow2" if parent else None,
-                            progress=moved.append)
+                            progress=moved.append, direct=direct)
         assert sum(moved) == result.data_bytes == plan_bytes(str(path))
         assert result.data_bytes == result.clusters * chain.layers[i].cluster_size
         assert result.bytes_moved == dst.stat().st_size
@@ -110,12 +110,13 @@ def copy_chain(chain: Chain, replica: Path) -> list[Path]:
     return copies
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "page-cache"])
 @pytest.mark.parametrize("name", CHAINS)
-def test_every_layer_copies_exactly(workdir: Path, name: str) -> None:
+def test_every_layer_copies_exactly(workdir: Path, name: str, direct: bool) -> None:
     cs, size = CHAINS[name]
     layers = [Layer(cluster_size=cs, io=io) for io in chain_io(cs, size)]
     chain = build_chain(workdir / "chain", layers, size)
-    copies = copy_chain(chain, workdir / "replica")
+    copies = copy_chain(chain, workdir / "replica", direct)
     for original, copy in zip(chain.paths, copies, strict=True):
         assert_replaces(original, copy, cs, size)
     assert identity.read(str(copies[-1]))[1].state == identity.UNKNOWN
@@ -170,7 +171,7 @@ def test_fallback_to_pread_pwrite(workdir: Path, monkeypatch: pytest.MonkeyPatch
         raise OSError(errno.EXDEV, "cross-device link")
 
     monkeypatch.setattr(os, "copy_file_range", cross_device)
-    copy_chain(chain, workdir / "replica")
+    copy_chain(chain, workdir / "replica", direct=False)
     assert len(calls) == 1                   # not tried again after the first refusal
     assert_replaces(chain.paths[0], workdir / "replica" / chain.paths[0].name, cs, size)
 
@@ -184,8 +185,104 @@ def test_short_copy_file_range_returns(workdir: Path, monkeypatch: pytest.Monkey
         return real(src, dst, min(count, 12345), offset_src, offset_dst)
 
     monkeypatch.setattr(os, "copy_file_range", short)
-    copy_chain(chain, workdir / "replica")
+    copy_chain(chain, workdir / "replica", direct=False)
     assert_replaces(chain.paths[0], workdir / "replica" / chain.paths[0].name, cs, size)
+
+
+# -- direct I/O ------------------------------------------------------------------------------
+
+
+class DirectSpy:
+    """Counts the bytes written through descriptors opened with O_DIRECT; can make
+    such a write fail (errno) at a given call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None,
+                 errno_: int = errno.EINVAL, refuse_open: bool = False) -> None:
+        self.fds: set[int] = set()
+        self.opens = self.writes = self.bytes = 0
+        real_open, real_pwrite = os.open, os.pwrite
+
+        def spy_open(path: str, flags: int, *args: object) -> int:
+            if flags & os.O_DIRECT:
+                self.opens += 1
+                if refuse_open:
+                    raise OSError(errno.EINVAL, "Invalid argument", path)
+                fd = real_open(path, flags, *args)
+                self.fds.add(fd)
+                return fd
+            return real_open(path, flags, *args)
+
+        def spy_pwrite(fd: int, data: bytes, offset: int) -> int:
+            if fd in self.fds:
+                self.writes += 1
+                if self.writes == fail_at:
+                    raise OSError(errno_, os.strerror(errno_))
+                n = real_pwrite(fd, data, offset)
+                self.bytes += n
+                return n
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "open", spy_open)
+        monkeypatch.setattr(os, "pwrite", spy_pwrite)
+
+
+def direct_io_works(directory: Path) -> bool:
+    try:
+        fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    (directory / "probe").unlink()
+    return True
+
+
+def one_layer(workdir: Path, compressed: bool = False) -> tuple[Chain, int, int]:
+    cs, size = 64 * KiB, 3 * MiB + 3584
+    io = chain_io(cs, size)[0]
+    return build_chain(workdir / "chain", [Layer(io=io, compressed=compressed)], size), cs, size
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["data", "compressed"])
+def test_data_is_written_with_direct_io(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                        compressed: bool) -> None:
+    if not direct_io_works(workdir):
+        pytest.skip(f"{workdir}: the filesystem refuses O_DIRECT")
+    chain, cs, size = one_layer(workdir, compressed)
+    spy = DirectSpy(monkeypatch)
+    calls: list[int] = []
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(1) or 0)
+    result = copy_layer(str(chain.paths[0]), str(workdir / "copy.qcow2"), backing=None,
+                        backing_format=None)
+    monkeypatch.undo()
+    assert spy.opens == 1 and spy.bytes == result.data_bytes and not calls
+    assert_replaces(chain.paths[0], workdir / "copy.qcow2", cs, size)
+
+
+@pytest.mark.parametrize("refuse_open", [True, False], ids=["at-open", "at-first-write"])
+def test_direct_io_refused_falls_back_to_the_page_cache(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, refuse_open: bool) -> None:
+    chain, cs, size = one_layer(workdir)
+    spy = DirectSpy(monkeypatch, fail_at=None if refuse_open else 1, refuse_open=refuse_open)
+    copy_chain(chain, workdir / "replica")
+    monkeypatch.undo()
+    assert spy.opens == 1 and spy.bytes == 0 and spy.writes == (0 if refuse_open else 1)
+    assert_replaces(chain.paths[0], workdir / "replica" / chain.paths[0].name, cs, size)
+
+
+def test_direct_write_error_after_a_good_one_fails_the_copy(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EINVAL after a direct write succeeded is an error, not a reason to switch paths;
+    the partial file goes."""
+    if not direct_io_works(workdir):
+        pytest.skip(f"{workdir}: the filesystem refuses O_DIRECT")
+    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
+    qemu_img.create(src, size=32 * MiB)
+    qemu_io.run(src, "write -P 0x11 0 12M")             # three 4 MiB writes
+    DirectSpy(monkeypatch, fail_at=2)
+    with pytest.raises(OSError, match="Invalid argument"):
+        copy_layer(str(src), str(dst), backing=None, backing_format=None)
+    monkeypatch.undo()
+    assert sorted(p.name for p in workdir.iterdir()) == ["src.qcow2"]
 
 
 def test_data_past_the_end_of_the_source_reads_as_zeros(workdir: Path) -> None:
