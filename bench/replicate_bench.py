@@ -47,6 +47,7 @@ from replicate_contenders import (
     VDISKS,
     Run,
     Source,
+    allocated,
     build_source,
     bytecode_cache,
     measure,
@@ -81,6 +82,9 @@ def run_all(args: argparse.Namespace, workdir: Path, cache: PageCache) -> tuple[
     source = build_source(workdir, args.disks, args.base_size, args.top_size, args.seed)
     log.info("built the source: base %s, %d disks with %s each, in %.1f s",
              _mib(args.base_size), args.disks, _mib(args.top_size), time.perf_counter() - t0)
+    ballast = workdir / "ballast"
+    if args.memory == "primed":
+        make_ballast(ballast, sum(allocated(f) for f in source.files()))
     runs: list[Run] = []
     order = list(args.contenders)
     for rep in range(args.runs):
@@ -89,6 +93,7 @@ def run_all(args: argparse.Namespace, workdir: Path, cache: PageCache) -> tuple[
             target = workdir / "target"
             remove(target)
             cache.prepare(source.files())
+            set_memory(args.memory, ballast)
             run = measure(contender, source, target, check=rep == 0)
             remove(target)
             runs.append(run)
@@ -96,6 +101,44 @@ def run_all(args: argparse.Namespace, workdir: Path, cache: PageCache) -> tuple[
                      contender, run.seconds, run.unsynced_s, _mib(run.bytes_moved),
                      run.error or run.check or "")
     return source, runs
+
+
+SETTLE_S = 8.0          # freed memory is handed back within this (page reporting: 2 s rounds)
+
+
+def set_memory(mode: str, ballast: Path) -> None:
+    """Put the guest's free memory in a known state before a run (see bench/README.md).
+
+    ``as-is``: start at once, in whatever memory the previous run just freed.
+    ``settled``: wait SETTLE_S, so that memory freed before the run has been
+    handed back to the hypervisor: every page-cache page a contender fills is
+    memory the host must supply afresh. ``primed``: read ``ballast`` (as large
+    as the source files) into the page cache and drop it just before the run,
+    so that a contender writing through the page cache reuses memory the host
+    already backs, as it would right after a target of that size was deleted
+    (its best case).
+    """
+    if mode == "settled":
+        time.sleep(SETTLE_S)
+    elif mode == "primed":
+        fd = os.open(ballast, os.O_RDONLY)
+        try:
+            while os.read(fd, 8 * MiB):
+                pass
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def make_ballast(path: Path, nbytes: int) -> Path:
+    """A file of nbytes (non-zero data, so that it is allocated), synced."""
+    block = b"\xa5" * (8 * MiB)
+    with open(path, "wb") as f:
+        for _ in range(-(-nbytes // len(block))):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def profile_vdisk(source: Source, workdir: Path, outdir: Path, cache: PageCache) -> str:
@@ -289,7 +332,8 @@ def check_space(args: argparse.Namespace, workdir: Path) -> None:
     largest = {VDISK: source, VDISK_ONE: source, CP_REFERENCE: source,
                CONVERT: args.disks * (args.base_size + args.top_size),
                CP_CHAINS: args.disks * (args.base_size + args.top_size)}
-    need = int(1.05 * (source + max(largest[c] for c in args.contenders))) + GiB
+    ballast = source if args.memory == "primed" else 0
+    need = int(1.05 * (source + ballast + max(largest[c] for c in args.contenders))) + GiB
     free = shutil.disk_usage(workdir).free
     if free < need:
         raise SystemExit(f"{workdir}: {free / GiB:.1f} GiB free, the run needs about "
@@ -314,6 +358,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", choices=("auto", "cold", "warm"), default="auto",
                    help="before each run: drop the page cache (cold, needs root) or read "
                         "the source files (warm); auto = cold if possible (default)")
+    p.add_argument("--memory", choices=("settled", "primed", "as-is"), default="settled",
+                   help="free memory before each run: settled = wait until what was freed "
+                        "is handed back to the hypervisor (default), primed = fill and free "
+                        "as much shared memory as the source just before, as-is = start at "
+                        "once (see bench/README.md)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="after the measured runs, replicate once more with every vdisk "
                         "process under cProfile (DIR/vmN.prof) and print a summary")
@@ -357,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vdisk replication benchmark: {args.disks} disks, each a top with "
           f"{_mib(args.top_size)} of data on one {_mib(args.base_size)} base (all data), "
           f"replicated one after another into an empty directory; median of {args.runs} "
-          f"runs ± half the min-max range; page cache {cache.mode} before every run; "
+          f"runs ± half the min-max range; page cache {cache.mode} and memory {args.memory} "
+          f"before every run; "
           f"{os.cpu_count()} CPUs; load average {load_before[0]:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; {elapsed:.0f} s total")
     print(f"source files (allocated): base {_mib(expected['base'])}, tops "
@@ -378,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     if profile:
         print("\nvdisk under cProfile (cumulative s, top functions):\n" + profile)
     if args.json:
-        env = environment(elapsed, load_before, lead={"page_cache": cache.mode},
+        env = environment(elapsed, load_before, lead={"page_cache": cache.mode,
+                                                      "memory": args.memory},
                           middle={"tools": tool_versions(),
                                   "bytecode_cache_env_before": bytecode_env})
         write_json(args.json, args, env, source={**expected, "files": len(source.files())},
