@@ -19,7 +19,7 @@ Every cluster has refcount 1 (16-bit refcounts); the refcount blocks cover the
 whole file, themselves and the table included (a fixpoint). Data clusters keep
 the order they have in the source file, so the copy is a few long sequential
 runs. The source is read through the page cache with a large readahead; the
-data is written with direct I/O (O_DIRECT, from one aligned buffer) so that a
+data is written with direct I/O (O_DIRECT, from aligned buffers) so that a
 copy of gigabytes neither evicts the host's page cache nor waits for fresh
 page-cache memory, and its final fsync has only metadata left. Where direct
 I/O is refused (the filesystem, or clusters smaller than DIRECT_ALIGN) the
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 from array import array
@@ -132,7 +133,7 @@ def copy_layer(src_path: str, dst_path: str, *, backing: str | None,
             parent_id=ident.parent_id if ident.valid else None)
         fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            _write_copy(f, fd, dst_path if direct else None, scan, layout, first, progress)
+            _write_copy(f, fd, direct, scan, layout, first, progress)
             if sync:
                 os.fsync(fd)
                 os.close(fd)
@@ -216,14 +217,13 @@ def _layout(path: str, size: int, cs: int, l2_tables: int, data_clusters: int) -
 # -- writing ----------------------------------------------------------------------------
 
 
-def _write_copy(f: Qcow2File, fd: int, direct_path: str | None, scan: _Scan,
-                layout: _Layout, first: bytes, progress: Progress | None) -> None:
-    """Data first (direct_path: written with direct I/O where possible), then the
-    metadata, which lies before the data region in other clusters."""
+def _write_copy(f: Qcow2File, fd: int, direct: bool, scan: _Scan, layout: _Layout,
+                first: bytes, progress: Progress | None) -> None:
+    """Data first (with direct I/O where possible), then the metadata, which lies
+    before the data region in other clusters."""
     cs = f.cluster_size
     l2_bytes, copies, inflates = _map_clusters(scan, layout, cs)
-    with _DataMover(f.fd, fd, direct_path if cs % DIRECT_ALIGN == 0 else None,
-                    progress) as mover:
+    with _DataMover(f.fd, fd, direct and cs % DIRECT_ALIGN == 0, progress) as mover:
         for src, dst, length in copies:         # in the source's order
             mover.copy(src, dst, length)
         for dst, entries in inflates:
@@ -310,24 +310,26 @@ def _fixed_metadata(scan: _Scan, layout: _Layout, cs: int) -> bytes:
 class _DataMover:
     """Moves bytes from the source to the copy, reporting progress per chunk.
 
-    With ``direct_path`` the data goes through a second descriptor of the copy
-    opened with O_DIRECT. Chunks are read and written by DIRECT_WORKERS threads,
+    With ``direct`` the copy's descriptor is switched to O_DIRECT for the data
+    (and back before the metadata is written): no second open, which would
+    check the file's permissions again. Chunks are read and written by
+    DIRECT_WORKERS threads,
     each with its own page-aligned buffer, so that one reads while another
     writes (the GIL is released in both calls). Every write starts at a
     cluster boundary and is padded with zeros to DIRECT_ALIGN (only a source
     cut short inside its last cluster needs it: the padding reads as zeros, as
     the missing bytes did). The first chunk is moved in the calling thread: if
-    the open or that first write is refused, the mover falls back to the
-    page-cache path for good; a refusal after that is an error.
+    the switch or that first write is refused, the mover falls back to the
+    page-cache path for good; a refusal after that is an error. The mover
+    returns only once no worker writes any more, even when interrupted.
     """
 
-    def __init__(self, src: int, dst: int, direct_path: str | None,
-                 progress: Progress | None) -> None:
+    def __init__(self, src: int, dst: int, direct: bool, progress: Progress | None) -> None:
         self.src = src
         self.dst = dst
         self.progress = progress
         self.use_copy_file_range = hasattr(os, "copy_file_range")
-        self.direct = -1
+        self.direct = False
         self.proven = False                     # a direct write has succeeded
         self.buffers: list[mmap.mmap] = []      # free ones
         self.pool: ThreadPoolExecutor | None = None
@@ -335,9 +337,10 @@ class _DataMover:
         # runs are read in the source's order: a larger readahead halves a
         # cold copy's time here (2 GiB: 1.95 s -> 0.92 s)
         os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        if direct_path is not None and hasattr(os, "O_DIRECT"):
+        if direct and hasattr(os, "O_DIRECT"):
             try:
-                self.direct = os.open(direct_path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                _set_direct(dst, True)
+                self.direct = True
             except OSError as e:
                 if e.errno not in _FALLBACK_ERRNOS:
                     raise
@@ -351,19 +354,34 @@ class _DataMover:
                 while self.pending:
                     self._wait_oldest()
         finally:
-            if self.pool is not None:           # no thread writes after this returns
+            self._stop_workers()
+            if self.direct:
+                self.direct = False
+                _set_direct(self.dst, False)
+
+    def _stop_workers(self) -> None:
+        """Wait for the chunks in flight (at most DIRECT_WORKERS writes): the caller
+        closes and removes the file next. A Ctrl-C meanwhile is held back until
+        they are done, then raised."""
+        if self.pool is None:
+            return
+        interrupted: KeyboardInterrupt | None = None
+        while True:
+            try:
                 self.pool.shutdown(wait=True, cancel_futures=True)
-            if self.direct >= 0:
-                os.close(self.direct)
-                self.direct = -1
+                break
+            except KeyboardInterrupt as e:
+                interrupted = e
+        if interrupted is not None:
+            raise interrupted
 
     def copy(self, src: int, dst: int, length: int) -> None:
         """Copy a run. Source bytes past its end read as zeros: left as a hole."""
         end = src + length
-        if self.direct >= 0:
+        if self.direct:
             self._read_ahead(src, min(end, src + READ_AHEAD))
         while src < end:
-            if self.direct >= 0:
+            if self.direct:
                 moved = min(DIRECT_CHUNK, end - src)
                 self._read_ahead(src + READ_AHEAD, min(end, src + READ_AHEAD + moved))
                 self._direct(src, dst, moved)
@@ -429,12 +447,12 @@ class _DataMover:
 
     def _direct_write(self, data: memoryview, dst: int) -> None:
         try:
-            _pwrite_all(self.direct, data, dst)
+            _pwrite_all(self.dst, data, dst)
         except OSError as e:
             if self.proven or e.errno not in _FALLBACK_ERRNOS:
                 raise
-            os.close(self.direct)           # refused from the start: the page cache
-            self.direct = -1
+            self.direct = False             # refused from the start: the page cache
+            _set_direct(self.dst, False)
             _pwrite_all(self.dst, data, dst)
         else:
             self.proven = True
@@ -455,7 +473,7 @@ class _DataMover:
         """Write whole inflated clusters (at most DIRECT_CHUNK bytes) at dst."""
         while self.pending:
             self._wait_oldest()
-        if self.direct >= 0:
+        if self.direct:
             buf = self._buffer()
             view = memoryview(buf)
             try:
@@ -502,6 +520,11 @@ def _start_writeback(fd: int, offset: int, n: int) -> None:
     if _sync_file_range is None:
         _sync_file_range = _load_sync_file_range()
     _sync_file_range(fd, offset, n)
+
+
+def _set_direct(fd: int, on: bool) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

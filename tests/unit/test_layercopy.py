@@ -9,8 +9,11 @@ as data or zero. Identity and refusal cases use the driver directly.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -193,36 +196,43 @@ def test_short_copy_file_range_returns(workdir: Path, monkeypatch: pytest.Monkey
 
 
 class DirectSpy:
-    """Counts the bytes written through descriptors opened with O_DIRECT; can make
-    such a write fail (errno) at a given call."""
+    """Counts switches of a descriptor to O_DIRECT and the bytes written while it is
+    on; can refuse the switch, make such a write fail (errno) at a given call, or
+    take 0.5 s at another."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None,
-                 errno_: int = errno.EINVAL, refuse_open: bool = False) -> None:
-        self.fds: set[int] = set()
-        self.opens = self.writes = self.bytes = 0
-        real_open, real_pwrite = os.open, os.pwrite
+                 errno_: int = errno.EINVAL, refuse_switch: bool = False,
+                 slow_at: int | None = None) -> None:
+        self.switches = self.writes = self.bytes = 0
+        self.last_write_end = 0.0
+        real_fcntl, real_pwrite = fcntl.fcntl, os.pwrite
 
-        def spy_open(path: str, flags: int, *args: object) -> int:
-            if flags & os.O_DIRECT:
-                self.opens += 1
-                if refuse_open:
-                    raise OSError(errno.EINVAL, "Invalid argument", path)
-                fd = real_open(path, flags, *args)
-                self.fds.add(fd)
-                return fd
-            return real_open(path, flags, *args)
+        def direct(fd: int) -> bool:
+            return bool(real_fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+        def spy_fcntl(fd: int, cmd: int, arg: int = 0) -> int:
+            if cmd == fcntl.F_SETFL and arg & os.O_DIRECT and not direct(fd):
+                self.switches += 1
+                if refuse_switch:
+                    raise OSError(errno.EINVAL, "Invalid argument")
+            return real_fcntl(fd, cmd, arg)
 
         def spy_pwrite(fd: int, data: bytes, offset: int) -> int:
-            if fd in self.fds:
-                self.writes += 1
-                if self.writes == fail_at:
-                    raise OSError(errno_, os.strerror(errno_))
+            if not direct(fd):
+                return real_pwrite(fd, data, offset)
+            self.writes += 1
+            if self.writes == fail_at:
+                raise OSError(errno_, os.strerror(errno_))
+            try:
+                if self.writes == slow_at:
+                    time.sleep(0.5)
                 n = real_pwrite(fd, data, offset)
-                self.bytes += n
-                return n
-            return real_pwrite(fd, data, offset)
+            finally:                    # a write that failed (a closed fd) counts too
+                self.last_write_end = time.monotonic()
+            self.bytes += n
+            return n
 
-        monkeypatch.setattr(os, "open", spy_open)
+        monkeypatch.setattr(fcntl, "fcntl", spy_fcntl)
         monkeypatch.setattr(os, "pwrite", spy_pwrite)
 
 
@@ -254,18 +264,19 @@ def test_data_is_written_with_direct_io(workdir: Path, monkeypatch: pytest.Monke
     result = copy_layer(str(chain.paths[0]), str(workdir / "copy.qcow2"), backing=None,
                         backing_format=None)
     monkeypatch.undo()
-    assert spy.opens == 1 and spy.bytes == result.data_bytes and not calls
+    assert spy.switches == 1 and spy.bytes == result.data_bytes and not calls
     assert_replaces(chain.paths[0], workdir / "copy.qcow2", cs, size)
 
 
-@pytest.mark.parametrize("refuse_open", [True, False], ids=["at-open", "at-first-write"])
+@pytest.mark.parametrize("refuse_switch", [True, False], ids=["at-switch", "at-first-write"])
 def test_direct_io_refused_falls_back_to_the_page_cache(
-        workdir: Path, monkeypatch: pytest.MonkeyPatch, refuse_open: bool) -> None:
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, refuse_switch: bool) -> None:
     chain, cs, size = one_layer(workdir)
-    spy = DirectSpy(monkeypatch, fail_at=None if refuse_open else 1, refuse_open=refuse_open)
+    spy = DirectSpy(monkeypatch, fail_at=None if refuse_switch else 1,
+                    refuse_switch=refuse_switch)
     copy_chain(chain, workdir / "replica")
     monkeypatch.undo()
-    assert spy.opens == 1 and spy.bytes == 0 and spy.writes == (0 if refuse_open else 1)
+    assert spy.switches == 1 and spy.bytes == 0 and spy.writes == (0 if refuse_switch else 1)
     assert_replaces(chain.paths[0], workdir / "replica" / chain.paths[0].name, cs, size)
 
 
@@ -283,6 +294,69 @@ def test_direct_write_error_after_a_good_one_fails_the_copy(
         copy_layer(str(src), str(dst), backing=None, backing_format=None)
     monkeypatch.undo()
     assert sorted(p.name for p in workdir.iterdir()) == ["src.qcow2"]
+
+
+def test_interrupt_while_stopping_waits_for_the_writers(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel with chunks in flight, then a Ctrl-C while the mover waits for them:
+    the mover still waits, so no write lands after the copy is removed."""
+    if not direct_io_works(workdir):
+        pytest.skip(f"{workdir}: the filesystem refuses O_DIRECT")
+    src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
+    qemu_img.create(src, size=32 * MiB)
+    qemu_io.run(src, "write -P 0x11 0 16M")
+    spy = DirectSpy(monkeypatch, slow_at=3)     # a worker's write, still going at the cancel
+    real_shutdown = ThreadPoolExecutor.shutdown
+    interrupts: list[int] = []
+
+    def interrupted_once(pool: ThreadPoolExecutor, wait: bool = True, *,
+                         cancel_futures: bool = False) -> None:
+        if not interrupts:
+            interrupts.append(1)
+            raise KeyboardInterrupt
+        real_shutdown(pool, wait=wait, cancel_futures=cancel_futures)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "shutdown", interrupted_once)
+    reports: list[int] = []
+
+    def cancel_on_second(n: int) -> None:
+        reports.append(n)
+        if len(reports) == 2:           # the first chunk from a worker: another in flight
+            raise Cancelled
+
+    with pytest.raises(KeyboardInterrupt):
+        copy_layer(str(src), str(dst), backing=None, backing_format=None,
+                   progress=cancel_on_second)
+    returned = time.monotonic()
+    time.sleep(0.7)                     # a write still going would end in here
+    monkeypatch.undo()
+    assert interrupts and spy.writes >= 3
+    assert spy.last_write_end < returned
+    assert sorted(p.name for p in workdir.iterdir()) == ["src.qcow2"]
+
+
+def test_the_copy_is_opened_once(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct I/O switches the creating descriptor: a second open of the copy would
+    check its permissions again (created 0400 under umask 0277, it would fail for
+    anyone but root)."""
+    if not direct_io_works(workdir):
+        pytest.skip(f"{workdir}: the filesystem refuses O_DIRECT")
+    chain, cs, size = one_layer(workdir)
+    dst = workdir / "copy.qcow2"
+    opened: list[int] = []
+    real_open = os.open
+
+    def spy_open(path: str, flags: int, *args: object) -> int:
+        if os.fspath(path) == str(dst):
+            opened.append(flags)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    spy = DirectSpy(monkeypatch)
+    copy_layer(str(chain.paths[0]), str(dst), backing=None, backing_format=None)
+    monkeypatch.undo()
+    assert len(opened) == 1 and opened[0] & os.O_EXCL and spy.bytes > 0
+    assert_replaces(chain.paths[0], dst, cs, size)
 
 
 def test_data_past_the_end_of_the_source_reads_as_zeros(workdir: Path) -> None:
