@@ -313,15 +313,15 @@ class _DataMover:
     With ``direct`` the copy's descriptor is switched to O_DIRECT for the data
     (and back before the metadata is written): no second open, which would
     check the file's permissions again. Chunks are read and written by
-    DIRECT_WORKERS threads,
-    each with its own page-aligned buffer, so that one reads while another
-    writes (the GIL is released in both calls). Every write starts at a
-    cluster boundary and is padded with zeros to DIRECT_ALIGN (only a source
-    cut short inside its last cluster needs it: the padding reads as zeros, as
-    the missing bytes did). The first chunk is moved in the calling thread: if
-    the switch or that first write is refused, the mover falls back to the
-    page-cache path for good; a refusal after that is an error. The mover
-    returns only once no worker writes any more, even when interrupted.
+    DIRECT_WORKERS threads, each with its own page-aligned buffer, so that one
+    reads while another writes (the GIL is released in both calls). Every
+    write starts at a cluster boundary and is padded with zeros to
+    DIRECT_ALIGN (only a source cut short inside its last cluster needs it:
+    the padding reads as zeros, as the missing bytes did). The first chunk is
+    moved in the calling thread: if the switch or that first write is refused,
+    the mover falls back to the page-cache path for good; a refusal after that
+    is an error. The mover returns only once no worker writes any more, even
+    when interrupted.
     """
 
     def __init__(self, src: int, dst: int, direct: bool, progress: Progress | None) -> None:
