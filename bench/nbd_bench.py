@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import images
+import memstate
 import profiling
 import workloads
 from bench_cli import (
@@ -30,6 +31,7 @@ from bench_cli import (
     write_json,
 )
 from cases import WORKLOADS, Case, build_cases
+from memstate import MemoryState
 from report import CaseResult, Cell, render_costs, render_problems, render_table
 from servers import (
     ALL_SERVERS,
@@ -58,10 +60,12 @@ class PageCache:
 
     ``cold``: sync and drop caches (needs root). ``warm``: sync and read every
     file the server will touch. ``auto``: cold if dropping works, else warm.
+    Then ``memory`` (if given) puts free memory in its stated state.
     """
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, memory: MemoryState | None = None) -> None:
         self.mode = mode
+        self.memory = memory
         if mode in ("auto", "cold"):
             try:
                 self._drop()
@@ -81,12 +85,14 @@ class PageCache:
     def prepare(self, files: list[Path]) -> None:
         if self.mode == "cold":
             self._drop()
-            return
-        os.sync()
-        for path in files:
-            with open(path, "rb") as f:
-                while f.read(8 * MiB):
-                    pass
+        else:
+            os.sync()
+            for path in files:
+                with open(path, "rb") as f:
+                    while f.read(8 * MiB):
+                        pass
+        if self.memory is not None:
+            self.memory.prepare()
 
 
 def measure_once(case: Case, server: str, rep: int, sdir: Path, args: argparse.Namespace,
@@ -201,6 +207,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", choices=("auto", "cold", "warm"), default="auto",
                    help="page cache before each measurement: dropped (cold), or pre-read (warm); "
                         "auto = cold if possible (default)")
+    memstate.add_option(p, "as-is")
     p.add_argument("--servers", default=",".join(ALL_SERVERS),
                    help="comma list (default: all of %(default)s)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
@@ -253,17 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         imgdir = workdir / "images"
         imgdir.mkdir(exist_ok=True)
         cases = build_cases(args, imgdir)
-        cache = PageCache(args.cache)
-        log.info("page cache: %s; vdisk started by %s", cache.mode,
+        cache = PageCache(args.cache, MemoryState(args.memory, workdir / "ballast",
+                                                  args.write_size))
+        log.info("page cache: %s, memory %s; vdisk started by %s", cache.mode, args.memory,
                  "vdisk.nbdkit.NbdkitServer" if project_server_available()
                  and not args.own_vdisk_owner else "bench/servers.py")
         results = [run_case(c, args.servers, args, cache, workdir / "runs") for c in cases]
     elapsed = time.perf_counter() - t0
     print()
     print(f"vdisk block-driver benchmark: median of {args.repeat} runs (sparse read: "
-          f"{3 * args.repeat}) ± half the min-max range; page cache {cache.mode} before "
-          f"every run; {os.cpu_count()} CPUs; load average {load_before[0]:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after; {elapsed:.0f} s total")
+          f"{3 * args.repeat}) ± half the min-max range; page cache {cache.mode} and memory "
+          f"{args.memory} before every run; {os.cpu_count()} CPUs; load average "
+          f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; {elapsed:.0f} s total")
     print(render_table(results, args.servers))
     print()
     print(render_costs(results, args.servers))
@@ -275,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nvdisk profile, {res.title} ({res.profile['value']:.1f} {res.unit}, "
                   f"{res.profile['file']}):\n{res.profile['summary']}")
     if args.json:
-        env = environment(elapsed, load_before, lead={"page_cache": cache.mode},
+        env = environment(elapsed, load_before, lead={"page_cache": cache.mode,
+                                                      "memory": args.memory},
                           middle={"tools": tool_versions()})
         write_json(args.json, args, env, results=[r.to_json() for r in results])
     return 0

@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import images
+import memstate
 from bench_cli import (
     apply_quick_defaults,
     comma_list,
@@ -34,6 +35,7 @@ from bench_cli import (
     setup_logging,
     write_json,
 )
+from memstate import MemoryState
 from nbd_bench import PageCache, size_arg
 from replicate_contenders import (
     CONTENDERS,
@@ -82,9 +84,8 @@ def run_all(args: argparse.Namespace, workdir: Path, cache: PageCache) -> tuple[
     source = build_source(workdir, args.disks, args.base_size, args.top_size, args.seed)
     log.info("built the source: base %s, %d disks with %s each, in %.1f s",
              _mib(args.base_size), args.disks, _mib(args.top_size), time.perf_counter() - t0)
-    ballast = workdir / "ballast"
-    if args.memory == "primed":
-        make_ballast(ballast, sum(allocated(f) for f in source.files()))
+    cache.memory = MemoryState(args.memory, workdir / "ballast",
+                               sum(allocated(f) for f in source.files()))
     runs: list[Run] = []
     order = list(args.contenders)
     for rep in range(args.runs):
@@ -93,7 +94,6 @@ def run_all(args: argparse.Namespace, workdir: Path, cache: PageCache) -> tuple[
             target = workdir / "target"
             remove(target)
             cache.prepare(source.files())
-            set_memory(args.memory, ballast)
             run = measure(contender, source, target, check=rep == 0)
             remove(target)
             runs.append(run)
@@ -101,44 +101,6 @@ def run_all(args: argparse.Namespace, workdir: Path, cache: PageCache) -> tuple[
                      contender, run.seconds, run.unsynced_s, _mib(run.bytes_moved),
                      run.error or run.check or "")
     return source, runs
-
-
-SETTLE_S = 8.0          # freed memory is handed back within this (page reporting: 2 s rounds)
-
-
-def set_memory(mode: str, ballast: Path) -> None:
-    """Put the guest's free memory in a known state before a run (see bench/README.md).
-
-    ``as-is``: start at once, in whatever memory the previous run just freed.
-    ``settled``: wait SETTLE_S, so that memory freed before the run has been
-    handed back to the hypervisor: every page-cache page a contender fills is
-    memory the host must supply afresh. ``primed``: read ``ballast`` (as large
-    as the source files) into the page cache and drop it just before the run,
-    so that a contender writing through the page cache reuses memory the host
-    already backs, as it would right after a target of that size was deleted
-    (its best case).
-    """
-    if mode == "settled":
-        time.sleep(SETTLE_S)
-    elif mode == "primed":
-        fd = os.open(ballast, os.O_RDONLY)
-        try:
-            while os.read(fd, 8 * MiB):
-                pass
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def make_ballast(path: Path, nbytes: int) -> Path:
-    """A file of nbytes (non-zero data, so that it is allocated), synced."""
-    block = b"\xa5" * (8 * MiB)
-    with open(path, "wb") as f:
-        for _ in range(-(-nbytes // len(block))):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    return path
 
 
 def profile_vdisk(source: Source, workdir: Path, outdir: Path, cache: PageCache) -> str:
@@ -358,11 +320,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", choices=("auto", "cold", "warm"), default="auto",
                    help="before each run: drop the page cache (cold, needs root) or read "
                         "the source files (warm); auto = cold if possible (default)")
-    p.add_argument("--memory", choices=("settled", "primed", "as-is"), default="settled",
-                   help="free memory before each run: settled = wait until what was freed "
-                        "is handed back to the hypervisor (default), primed = fill and free "
-                        "as much shared memory as the source just before, as-is = start at "
-                        "once (see bench/README.md)")
+    memstate.add_option(p, "settled")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="after the measured runs, replicate once more with every vdisk "
                         "process under cProfile (DIR/vmN.prof) and print a summary")
