@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import struct
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -237,13 +238,18 @@ class DirectSpy:
 
 
 def direct_io_works(directory: Path) -> bool:
-    try:
-        fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    (directory / "probe").unlink()
-    return True
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        try:
+            fd = os.open(Path(scratch) / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+        except OSError:
+            return False
+        os.close(fd)
+        return True
+
+
+# the tests' directories are made under the temporary directory
+needs_direct_io = pytest.mark.skipif(not direct_io_works(Path(tempfile.gettempdir())),
+                                     reason="the temporary directory refuses O_DIRECT")
 
 
 def one_layer(workdir: Path, compressed: bool = False) -> tuple[Chain, int, int]:
@@ -252,11 +258,10 @@ def one_layer(workdir: Path, compressed: bool = False) -> tuple[Chain, int, int]
     return build_chain(workdir / "chain", [Layer(io=io, compressed=compressed)], size), cs, size
 
 
+@needs_direct_io
 @pytest.mark.parametrize("compressed", [False, True], ids=["data", "compressed"])
 def test_data_is_written_with_direct_io(workdir: Path, monkeypatch: pytest.MonkeyPatch,
                                         compressed: bool) -> None:
-    if not direct_io_works(workdir):
-        pytest.skip(f"{workdir}: the filesystem refuses O_DIRECT")
     chain, cs, size = one_layer(workdir, compressed)
     spy = DirectSpy(monkeypatch)
     calls: list[int] = []
@@ -280,12 +285,11 @@ def test_direct_io_refused_falls_back_to_the_page_cache(
     assert_replaces(chain.paths[0], workdir / "replica" / chain.paths[0].name, cs, size)
 
 
+@needs_direct_io
 def test_direct_write_error_after_a_good_one_fails_the_copy(
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """EINVAL after a direct write succeeded is an error, not a reason to switch paths;
     the partial file goes."""
-    if not direct_io_works(workdir):
-        pytest.skip(f"{workdir}: the filesystem refuses O_DIRECT")
     src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
     qemu_img.create(src, size=32 * MiB)
     qemu_io.run(src, "write -P 0x11 0 12M")             # three 4 MiB writes
@@ -296,12 +300,11 @@ def test_direct_write_error_after_a_good_one_fails_the_copy(
     assert sorted(p.name for p in workdir.iterdir()) == ["src.qcow2"]
 
 
+@needs_direct_io
 def test_interrupt_while_stopping_waits_for_the_writers(
         workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cancel with chunks in flight, then a Ctrl-C while the mover waits for them:
     the mover still waits, so no write lands after the copy is removed."""
-    if not direct_io_works(workdir):
-        pytest.skip(f"{workdir}: the filesystem refuses O_DIRECT")
     src, dst = workdir / "src.qcow2", workdir / "dst.qcow2"
     qemu_img.create(src, size=32 * MiB)
     qemu_io.run(src, "write -P 0x11 0 16M")
@@ -335,12 +338,11 @@ def test_interrupt_while_stopping_waits_for_the_writers(
     assert sorted(p.name for p in workdir.iterdir()) == ["src.qcow2"]
 
 
+@needs_direct_io
 def test_the_copy_is_opened_once(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Direct I/O switches the creating descriptor: a second open of the copy would
     check its permissions again (created 0400 under umask 0277, it would fail for
     anyone but root)."""
-    if not direct_io_works(workdir):
-        pytest.skip(f"{workdir}: the filesystem refuses O_DIRECT")
     chain, cs, size = one_layer(workdir)
     dst = workdir / "copy.qcow2"
     opened: list[int] = []
