@@ -31,7 +31,6 @@ from bench_cli import (
     write_json,
 )
 from cases import WORKLOADS, Case, build_cases
-from memstate import MemoryState
 from report import CaseResult, Cell, render_costs, render_problems, render_table
 from servers import (
     ALL_SERVERS,
@@ -63,7 +62,7 @@ class PageCache:
     Then ``memory`` (if given) puts free memory in its stated state.
     """
 
-    def __init__(self, mode: str, memory: MemoryState | None = None) -> None:
+    def __init__(self, mode: str, memory: memstate.MemoryState | None = None) -> None:
         self.mode = mode
         self.memory = memory
         if mode in ("auto", "cold"):
@@ -260,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         imgdir = workdir / "images"
         imgdir.mkdir(exist_ok=True)
         cases = build_cases(args, imgdir)
-        cache = PageCache(args.cache, MemoryState(args.memory, workdir / "ballast",
-                                                  args.write_size))
+        memory = memstate.MemoryState(args.memory, workdir / "ballast", args.write_size)
+        cache = PageCache(args.cache, memory)
         log.info("page cache: %s, memory %s; vdisk started by %s", cache.mode, args.memory,
                  "vdisk.nbdkit.NbdkitServer" if project_server_available()
                  and not args.own_vdisk_owner else "bench/servers.py")

@@ -35,7 +35,6 @@ from bench_cli import (
     setup_logging,
     write_json,
 )
-from memstate import MemoryState
 from nbd_bench import PageCache, size_arg
 from replicate_contenders import (
     CONTENDERS,
@@ -84,8 +83,8 @@ def run_all(args: argparse.Namespace, workdir: Path, cache: PageCache) -> tuple[
     source = build_source(workdir, args.disks, args.base_size, args.top_size, args.seed)
     log.info("built the source: base %s, %d disks with %s each, in %.1f s",
              _mib(args.base_size), args.disks, _mib(args.top_size), time.perf_counter() - t0)
-    cache.memory = MemoryState(args.memory, workdir / "ballast",
-                               sum(allocated(f) for f in source.files()))
+    cache.memory = memstate.MemoryState(args.memory, workdir / "ballast",
+                                        sum(allocated(f) for f in source.files()))
     runs: list[Run] = []
     order = list(args.contenders)
     for rep in range(args.runs):
