@@ -42,7 +42,7 @@ import mmap
 import os
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -113,7 +113,8 @@ def copy_layer(src_path: str, dst_path: str, *, backing: str | None,
     ``backing``/``backing_format`` are written in the copy's header as given.
     ``progress(n)`` is called with the guest data bytes moved after each chunk;
     their total is plan_bytes(src_path). With ``sync=False`` the copy is left
-    for the caller to fsync (its writeback is already under way) through
+    for the caller to fsync (its data already written directly, or its
+    writeback under way) through
     ``CopyResult.fd``, which the caller closes: fsyncing the descriptor that
     wrote the data is what reports a writeback error. ``direct=False`` writes the
     data through the page cache too.
@@ -404,11 +405,8 @@ class _DataMover:
 
     def _direct(self, src: int, dst: int, n: int) -> None:
         if not self.proven:
-            buf = self._buffer()
-            try:
+            with self._borrowed() as buf:
                 self._direct_chunk(buf, src, dst, n)
-            finally:
-                self.buffers.append(buf)
             self._report(n)
             return
         if self.pool is None:
@@ -420,6 +418,15 @@ class _DataMover:
 
     def _buffer(self) -> mmap.mmap:
         return self.buffers.pop() if self.buffers else mmap.mmap(-1, DIRECT_CHUNK)
+
+    @contextlib.contextmanager
+    def _borrowed(self) -> Iterator[mmap.mmap]:
+        """A buffer for the calling thread, free again afterwards."""
+        buf = self._buffer()
+        try:
+            yield buf
+        finally:
+            self.buffers.append(buf)
 
     def _wait_oldest(self) -> None:
         done, n, buf = self.pending.popleft()
@@ -474,14 +481,9 @@ class _DataMover:
         while self.pending:
             self._wait_oldest()
         if self.direct:
-            buf = self._buffer()
-            view = memoryview(buf)
-            try:
+            with self._borrowed() as buf, memoryview(buf) as view:
                 view[:len(data)] = data
                 self._direct_write(view[:len(data)], dst)
-            finally:
-                view.release()
-                self.buffers.append(buf)
         else:
             _pwrite_all(self.dst, data, dst)
         self._report(len(data))
