@@ -231,7 +231,7 @@ class _Committer:
             self._thread = None
 
     def _run(self) -> None:
-        from vdisk_block.create import fsync_dir
+        from vdisk_block.files import fsync_dir
 
         while (c := self._queue.get()) is not None:
             try:
@@ -429,7 +429,7 @@ class Session:
         (which may link to them, and will not be finished), once no more of
         them can be put in place."""
         from vdisk_block.catalog import IMAGES
-        from vdisk_block.create import fsync_dir
+        from vdisk_block.files import fsync_dir
 
         self._committer.abort(reason)
         self._committer.stop()

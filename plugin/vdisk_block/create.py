@@ -23,6 +23,7 @@ import struct
 from . import header as hdr
 from . import identity as ident
 from .errors import RequestError
+from .files import fsync_dir
 
 REFCOUNT_ORDER = 4
 
@@ -89,11 +90,3 @@ def create_qcow2(path: str, size: int, *, cluster_bits: int = 16, backing: str |
         os.unlink(tmp)
     fsync_dir(os.path.dirname(path) or ".")
     return content_id
-
-
-def fsync_dir(directory: str) -> None:
-    dirfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
