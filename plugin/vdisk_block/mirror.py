@@ -187,6 +187,10 @@ class MirrorJob:
         # service's recovery records it, if the target still has that ID.
         top, child = target.top, disk.layers[self.collapse - 1]
         assert top is not None
+        # the served map reads this image's clusters directly until the pivot:
+        # a cluster the target stops using (copy-on-write of a compressed or
+        # shared cluster) must not be reused while the map may point at it
+        top.hold_frees = True
         before = top.f.identity
         fresh = ident.new_id()
         try:
@@ -279,14 +283,19 @@ class MirrorJob:
             target = self._target
             assert target is not None
             try:
+                # a barrier first: the disk lock stays held from here to the
+                # switch, so no request (nor a read outside the lock) runs
+                # between the last flush of the target and the new chain
+                disk.drain_reads()
                 target.flush()
                 if persist is not None:
                     persist(self.target_path)
             except Exception as e:
                 self._fail(e)
                 raise
-            disk.drain_reads()
             dropped = adopt(disk, target)
+            assert disk.top is not None
+            disk.top.hold_frees = False     # the map now is the target's own
             disk.job = None
             for f in dropped:
                 f.close()
