@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from .clustermap import (
@@ -75,6 +76,9 @@ class Disk:
         self._inflight = 0
         self.concurrent_reads = False     # set when nbdkit runs requests in parallel
         self.job: MirrorHooks | None = None
+        # told of every move of a top cluster (c, new L2 entry): a consolidation
+        # target whose clusters another disk's map reads directly
+        self.on_remap: Callable[[int, int], None] | None = None
         self.set_chain(layers, cmap, top)
 
     def set_chain(self, layers: list[Qcow2File | RawFile], cmap: ClusterMap,
@@ -319,6 +323,8 @@ class Disk:
         first = c * per
         end = min(first + per, self.map.nslots)
         self.map.set_cluster(first, per, self.top_tag, new if new & ~COPIED else ZERO_FLAG, end)
+        if self.on_remap is not None:
+            self.on_remap(c, new)
 
     def _full_clusters(self, top: TopImage, length: int, offset: int) -> tuple[int, int]:
         """[first, end) of the clusters that [offset, offset + length) covers whole.

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from . import identity as ident
 from . import locking
 from .chainops import Persist, adopt, relative_backing
+from .clustermap import LAYER_SHIFT
 from .create import create_qcow2
 from .disk import Disk
 from .errors import RequestError
@@ -187,10 +188,10 @@ class MirrorJob:
         # service's recovery records it, if the target still has that ID.
         top, child = target.top, disk.layers[self.collapse - 1]
         assert top is not None
-        # the served map reads this image's clusters directly until the pivot:
-        # a cluster the target stops using (copy-on-write of a compressed or
-        # shared cluster) must not be reused while the map may point at it
-        top.hold_frees = True
+        # the served map reads this image's clusters directly: where the
+        # target moves a cluster (copy-on-write), the map must follow before
+        # the old place can be freed and reused
+        target.on_remap = self._remap
         before = top.f.identity
         fresh = ident.new_id()
         try:
@@ -249,6 +250,21 @@ class MirrorJob:
             with disk.lock:
                 self._fail(e)
 
+    def _remap(self, cluster: int, entry: int) -> None:
+        """Into mode, under the disk lock: the target's cluster now is entry.
+
+        Slots of the served map that read that cluster from the target image
+        (compressed or data, where the layers above hold nothing) move with
+        it, so the old host cluster is referenced by nobody once the target
+        frees it at its next flush, and may be reused.
+        """
+        disk, target = self.disk, self._target
+        assert target is not None and target.top is not None
+        per = target.top.cs // disk.map.g
+        first = cluster * per
+        tag = (len(disk.layers) - self.collapse) << LAYER_SHIFT
+        disk.map.retarget(first, min(first + per, disk.map.nslots), tag, entry)
+
     def mirror_write(self, data: memoryview, offset: int) -> None:
         """Called under the disk lock after the top took the write."""
         self._mirror(offset, len(data), lambda t: t.write(data, offset))
@@ -294,8 +310,6 @@ class MirrorJob:
                 self._fail(e)
                 raise
             dropped = adopt(disk, target)
-            assert disk.top is not None
-            disk.top.hold_frees = False     # the map now is the target's own
             disk.job = None
             for f in dropped:
                 f.close()

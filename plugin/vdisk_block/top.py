@@ -39,10 +39,6 @@ class TopImage:
         self.dirty_l2: set[int] = set()
         self.dirty_l1: set[int] = set()
         self.data_dirty = False
-        # while another view of this file (a served chain reading it as a
-        # backing layer) may still point at clusters this top stops using,
-        # their refcounts are not dropped, so no allocation can reuse them
-        self.hold_frees = False
         self.refcounts = Refcounts(f.fd, f.path, h, f.file_size)
         self._fresh_id_pending = True
         for l1_index, _off, l2 in f.l2_tables():
@@ -167,8 +163,7 @@ class TopImage:
                 os.pwrite(self.fd, struct.pack(">Q", self.l1[i]), base + 8 * i)
             self.dirty_l1.clear()
             os.fdatasync(self.fd)
-        if not self.hold_frees:
-            rc.release_pending()
+        rc.release_pending()
 
     @property
     def dirty(self) -> bool:

@@ -237,3 +237,42 @@ def test_parallel_pivots_under_steady_reads_keep_every_flushed_write(tmp_path: P
     view = out.read_bytes()
     lost = [b for b, v in durable.items() if view[b * 4 * KiB] != v]
     assert not lost, f"{len(lost)} flushed writes missing, first at block {lost[0]}"
+
+
+def test_cancelled_into_job_leaves_no_leak_and_a_second_job_reads_right(tmp_path: Path,
+                                                                       opened) -> None:
+    """Cancelling at ready after the target moved compressed clusters: the
+    served map reads the moved ones, so the old places are freed (no leak),
+    and a second job into the same target cannot reuse a place still read."""
+    size = 4 * MiB
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(_pattern(size // 2, 4) + bytes(size // 2))
+    base = tmp_path / "base.qcow2"
+    qemu_img.run(["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                  "cluster_size=65536", str(raw), str(base)])
+    top = tmp_path / "top.qcow2"
+    qemu_img.create(top, size=size, backing="base.qcow2", backing_fmt="qcow2",
+                    options={"cluster_size": 4096})
+    qemu_io.run(top, *(f"write -P 0x{k + 1:x} {k * 64 + 4}k 4k"
+                       for k in range(size // 2 // (64 * KiB))))
+    oracle = bytearray(raw_view(top, tmp_path))
+    disk = opened(top)
+    job = MirrorJob(disk, 1).start()
+    assert job.wait((State.READY,), 30) is State.READY
+    job.cancel()
+    for k in range(16):                   # the top allocates; nothing moves in the base
+        data = bytes([k + 7]) * 4096
+        disk.write(data, size // 2 + k * 8192)
+        oracle[size // 2 + k * 8192:size // 2 + k * 8192 + 4096] = data
+    assert disk.read(size, 0) == oracle
+    job = MirrorJob(disk, 1).start()
+    assert job.wait((State.READY,), 30) is State.READY
+    for k in range(16):                   # mirrored writes allocate in the target
+        data = bytes([k + 100]) * 4096
+        disk.write(data, size // 2 + k * 8192 + 4096)
+        oracle[size // 2 + k * 8192 + 4096:size // 2 + k * 8192 + 8192] = data
+    assert disk.read(size, 0) == oracle
+    job.complete()
+    disk.close()
+    assert_matches_oracle(base, oracle, tmp_path)
+    assert qemu_img.check(base)["leaks"] == 0
