@@ -332,21 +332,10 @@ def cmd_disk_info(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_remove(args: argparse.Namespace) -> int:
-    directory = datastore_dir(args)
     with service(args) as svc:
-        disk = svc.execute("query-disks", {"disk": args.name})["disks"][0]
-        chain = [os.path.join(directory, p) for p in disk["chain"]]
-        if args.keep_images:
-            if disk.get("open"):
-                raise CliError(f"disk {args.name!r} is open; stop serving it first")
-            if disk.get("job"):
-                raise CliError(f"disk {args.name!r} has a job")
-            with catalog(args) as c:
-                c.remove_disk(args.name)
-        else:
-            svc.execute("disk-remove", {"disk": args.name})
-    deleted = [os.path.relpath(p, directory) for p in chain if not os.path.exists(p)]
-    kept = [os.path.relpath(p, directory) for p in chain if os.path.exists(p)]
+        result = svc.execute("disk-remove", {"disk": args.name,
+                                             "keep_images": bool(args.keep_images)})
+    deleted, kept = result["deleted"], result["kept"]
     text = f"removed disk {args.name}"
     if deleted:
         text += f"; deleted {', '.join(deleted)}"

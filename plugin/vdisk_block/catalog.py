@@ -47,9 +47,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     started REAL NOT NULL,
     updated REAL NOT NULL,
-    target_id TEXT
+    target_id TEXT,
+    owner TEXT,
+    output TEXT,
+    temp TEXT
 );
 """
+
+# columns added to the jobs table since the first datastores: (name, type)
+_JOB_COLUMNS = (("target_id", "TEXT"), ("owner", "TEXT"), ("output", "TEXT"), ("temp", "TEXT"))
 
 # What a scan of DIR/images learned from each file's header, keyed by what
 # notices a change of the file (inode, size, mtime, ctime): a later scan reads
@@ -87,12 +93,13 @@ class Catalog:
         self._db = self._connect(db)
         self._lock = threading.RLock()     # one connection, shared by the service's threads
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        if columns and "target_id" not in columns:      # a datastore made before it existed
-            try:
-                self._db.execute("ALTER TABLE jobs ADD COLUMN target_id TEXT")
-            except sqlite3.OperationalError as e:
-                if "duplicate column" not in str(e):    # another opener added it first
-                    raise
+        for name, kind in _JOB_COLUMNS:
+            if columns and name not in columns:         # a datastore made before it existed
+                try:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):    # another opener added it first
+                        raise
         self.last_scan: dict[str, int] = {}
 
     @staticmethod
