@@ -136,8 +136,10 @@ def _remove_partials(catalog: Any) -> list[str]:
 
 def find_match(catalog: Any, f: Any, exclude: set[str]) -> str | None:
     """An image of the target that may stand for layer f: same valid content ID,
-    same virtual size, and not a disk's (writable) top. The index proposes; the
-    image's own header, read now, decides."""
+    same virtual size, not a disk's (writable) top, and a proven chain below it
+    (identity.chain_proven). The index proposes; the image's own chain, read
+    now, decides. The caller asks only for a layer whose source chain below is
+    proven too (docs/content-id.md, "Replication")."""
     from vdisk_block import identity
     from vdisk_block.errors import ImageError
 
@@ -152,14 +154,15 @@ def find_match(catalog: Any, f: Any, exclude: set[str]) -> str | None:
         except (OSError, ImageError):
             continue
         if h is not None and ident.valid and ident.content_id == f.identity.content_id \
-                and h.size == f.size and _chain_opens(path):
+                and h.size == f.size and _chain_proven(path):
             return rel
     return None
 
 
-def _chain_opens(path: str) -> bool:
-    """Whether the chain below a candidate is whole and unmodified (every file
-    there, every recorded parent ID still its parent's)."""
+def _chain_proven(path: str) -> bool:
+    """Whether the chain of a candidate is whole (every file there) and proven:
+    each image records its parent's current content ID, down to the base."""
+    from vdisk_block import identity
     from vdisk_block.chain import open_chain
     from vdisk_block.errors import ImageError
 
@@ -167,9 +170,11 @@ def _chain_opens(path: str) -> bool:
         layers = open_chain(path, readonly=True)
     except (OSError, ImageError):
         return False
-    for f in layers:
-        f.close()
-    return True
+    try:
+        return identity.chain_proven([f.identity for f in layers])
+    finally:
+        for f in layers:
+            f.close()
 
 
 @dataclass
@@ -371,9 +376,14 @@ class Session:
         catalog = self.catalog
         catalog.scan_images()
         tops = {os.path.realpath(catalog.abspath(r["top"])) for r in catalog.disks()}
+        # a layer may be linked only where the source chain below it is proven:
+        # else its parent may have changed since a copy of it was made
+        ids = [f.identity for f in layers]
         plan: list[tuple[Any, str | None]] = []         # (layer, image it links to)
+        proven: dict[int, bool] = {}                    # id(layer) -> chain below proven
         for i, f in enumerate(layers):
-            match = self._match(f, tops) if i > 0 else None
+            proven[id(f)] = identity.chain_proven(ids[i:])
+            match = self._match(f, tops) if i > 0 and proven[id(f)] else None
             plan.append((f, match))
             if match is not None:
                 break
@@ -412,13 +422,14 @@ class Session:
                                            job=job, last=last))
             results.append(Layer(f.path, rel, "copied", res.bytes_moved,
                                  identity.format_id(f.identity.content_id), f.identity.state))
-            if f.identity.valid:
+            if f.identity.valid and proven[id(f)]:
                 self._own.setdefault((f.identity.content_id, f.size), rel)
             below = rel
         job.results = results[::-1]
 
     def _match(self, f: Any, tops: set[str]) -> str | None:
-        """A copy this session made (committed or queued), else find_match."""
+        """For a layer whose source chain below is proven: a copy this session made
+        of such a layer (committed or queued), else find_match."""
         if f.identity.valid and (f.identity.content_id, f.size) in self._own:
             return self._own[(f.identity.content_id, f.size)]
         return find_match(self.catalog, f, tops)

@@ -149,7 +149,7 @@ class TopImage:
         (The chain holds the backing file read-locked: nobody else writes it.)"""
         if not self.f.backing_file:
             return None
-        from .chain import resolve_backing     # (chain imports this module)
+        from .chain import resolve_backing  # (chain imports this module)
         try:
             _h, parent = ident.read(resolve_backing(self.path, self.f.backing_file))
         except (OSError, ImageError):
