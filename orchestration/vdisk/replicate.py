@@ -45,6 +45,10 @@ class ReplicateError(Error):
         super().__init__(reason)
 
 
+class VerifyMismatch(ReplicateError):
+    """--verify found a copy that reads otherwise than its source."""
+
+
 @dataclass
 class Layer:
     source: str                 # the source image (absolute path)
@@ -198,17 +202,23 @@ class _Commit:
     sync_dir: bool
     job: _Job
     last: bool
+    layer: Layer                # what the job reports of the copy
+    verify: bool                # compare it with its source before it is put in place
 
 
 class _Committer:
-    """Syncs finished copies and renames them into place, in the order they were
-    queued, in a thread of its own: the disk writes one copy back while the
-    next is being copied (a copy only starts its writeback).
+    """Syncs finished copies, verifies them (--verify) and renames them into
+    place, in the order they were queued, in a thread of its own: the disk
+    writes one copy back while the next is being copied (a copy only starts
+    its writeback).
 
     Order is what keeps a target whole: a copy is renamed only after the
-    image below it (queued before it), and never after a failure: every
-    commit queued after one that failed (or after abort()) is abandoned, its
-    file left under its temporary name for the caller to remove.
+    image below it (queued before it), so it is compared through its chain
+    while still under its temporary name, which nothing links to: a copy is
+    never visible, hence never matchable, before it is verified. Nothing is
+    renamed after a failure: every commit queued after one that failed (or
+    after abort()) is abandoned, its file left under its temporary name for
+    the caller to remove. A final name is never replaced.
     """
 
     def __init__(self) -> None:
@@ -236,7 +246,7 @@ class _Committer:
             self._thread = None
 
     def _run(self) -> None:
-        from vdisk_block.files import fsync_dir
+        from vdisk_block import files
 
         while (c := self._queue.get()) is not None:
             try:
@@ -244,9 +254,11 @@ class _Committer:
                     # the descriptor that wrote the copy: its fsync reports any
                     # writeback error, which a fresh open could miss
                     os.fsync(c.fd)
-                    os.rename(c.tmp, c.path)
+                    if c.verify:
+                        _verify_copy(c.layer, c.tmp, c.path)
+                    files.rename_noreplace(c.tmp, c.path)
                     if c.sync_dir:
-                        fsync_dir(os.path.dirname(c.path))
+                        files.fsync_dir(os.path.dirname(c.path))
             except BaseException as e:              # noqa: BLE001  (reported by the job)
                 self.failed = e
             finally:
@@ -289,11 +301,14 @@ class Session:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             self.finish()
-        except Exception:
-            if exc is None:
+        except Exception as e:
+            if exc is None or e is exc:
                 raise
-            # the error that stopped the session is the one to report; the
-            # chains before it are finished (and kept) all the same
+            if isinstance(exc, Exception):
+                # a chain before the one that stopped the session failed while
+                # being finished: its error comes first, and neither is lost
+                raise ReplicateError(f"{describe(e)}; then {describe(exc)}") from exc
+            # (an interrupt is reported as such)
         finally:
             self._stack.close()
 
@@ -415,13 +430,15 @@ class Session:
                                        progress=step, sync=False)
             assert res.fd is not None
             last = n == len(copies) - 1
+            layer = Layer(f.path, rel, "copied", res.bytes_moved,
+                          identity.format_id(f.identity.content_id), f.identity.state)
+            results.append(layer)
             # a disk's new top is created in the same directory right after the
             # copies, and syncs it: the last copy's rename needs no sync of its own
             self._committer.submit(_Commit(res.fd, tmp, catalog.abspath(rel),
                                            sync_dir=not last or job.disk is None,
-                                           job=job, last=last))
-            results.append(Layer(f.path, rel, "copied", res.bytes_moved,
-                                 identity.format_id(f.identity.content_id), f.identity.state))
+                                           job=job, last=last, layer=layer,
+                                           verify=self.verify))
             if f.identity.valid and proven[id(f)]:
                 self._own.setdefault((f.identity.content_id, f.size), rel)
             below = rel
@@ -476,12 +493,17 @@ class Session:
             raise ReplicateError(f"{job.source}: replicate stopped before its copies "
                                  "were all written")
         if job.error is not None:
+            if isinstance(job.error, VerifyMismatch):
+                self._discard(job.error)
             raise job.error
         self.catalog.scan_images()                  # the target learns the new images
-        if self.verify:                             # before a disk names the copies
+        if self.verify:
+            # the copies were verified before they were put in place; an image
+            # the target had, which the chain links to, is compared here,
+            # before a disk names it
             try:
-                _verify(self.catalog, job.results)
-            except ReplicateError as e:
+                _verify_linked(self.catalog, job.results)
+            except VerifyMismatch as e:
                 self._discard(e)
                 raise
         top_rel = job.results[0].image
@@ -497,6 +519,13 @@ class Session:
             "verified": all(r.verified for r in results) if self.verify else None,
             "duration_s": time.monotonic() - job.t0,
         })
+
+
+def describe(e: BaseException) -> str:
+    """An error as one reason (an OSError names its file, as the CLI shows it)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
 
 
 def _target_names(catalog: Any, copies: list[Any], taken: set[str]) -> list[str]:
@@ -540,13 +569,19 @@ def _add_disk(catalog: Any, disk: str, source_top: tuple[int, int, bytes | None]
     return rel
 
 
-def _verify(catalog: Any, results: list[Layer]) -> None:
-    """Each target image reads (through its chain) as its source does."""
+def _verify_copy(layer: Layer, image: str, shown_as: str) -> None:
+    """The target image reads (through its chain) as its source does; else
+    VerifyMismatch, naming the image as shown_as."""
+    try:
+        qemu_img.compare(layer.source, image, force_share=True)
+    except ContentMismatch:
+        layer.verified = False
+        raise VerifyMismatch(f"verify: {shown_as} differs from {layer.source}") from None
+    layer.verified = True
+
+
+def _verify_linked(catalog: Any, results: list[Layer]) -> None:
     for r in results:
-        try:
-            qemu_img.compare(r.source, catalog.abspath(r.image), force_share=True)
-        except ContentMismatch:
-            r.verified = False
-            raise ReplicateError(f"verify: {r.image} on {catalog.dir} differs from "
-                                 f"{r.source}") from None
-        r.verified = True
+        if r.action == "linked":
+            path = catalog.abspath(r.image)
+            _verify_copy(r, path, path)
