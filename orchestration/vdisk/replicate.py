@@ -21,127 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
-from . import blockpath, qemu_img  # noqa: F401  (blockpath: vdisk_block importable)
+from . import blockpath, qemu_img  # noqa: F401  (vdisk_block importable; tests patch qemu_img)
 from . import replica_target as target
-from .errors import ContentMismatch
+from .replica_commit import Commit, Committer, Job, Layer, VerifyMismatch, verify_copy
 from .replica_target import ReplicateError
 
 __all__ = ["Layer", "ReplicateError", "Session", "VerifyMismatch", "check_source"]
 
 Progress = Callable[[int, int, str], None]      # done bytes, total bytes, label
-
-
-class VerifyMismatch(ReplicateError):
-    """--verify found a copy that reads otherwise than its source."""
-
-
-@dataclass
-class Layer:
-    source: str                 # the source image (absolute path)
-    image: str                  # the target image, relative to the target datastore
-    action: str                 # "copied" or "linked"
-    bytes_moved: int
-    content_id: str | None
-    identity: str               # valid, unknown or unsupported
-    verified: bool | None = None
-
-
-@dataclass
-class _Job:
-    """One chain being replicated: its copies, bottom-up, and what follows them."""
-
-    source: str
-    disk: str | None
-    top: target.SourceTop                       # source top: size, cluster bits, valid ID
-    results: list[Layer]                        # top first
-    replaces: str | None = None                 # the old top of a disk the target has
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    t0: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Commit:
-    fd: int                     # the copy, open since it was written; closed by the committer
-    tmp: str
-    path: str
-    sync_dir: bool
-    job: _Job
-    last: bool
-    layer: Layer                # what the job reports of the copy
-    verify: bool                # compare it with its source before it is put in place
-
-
-class _Committer:
-    """Syncs finished copies, verifies them (--verify) and renames them into
-    place, in the order they were queued, in a thread of its own: the disk
-    writes one copy back while the next is being copied (a copy only starts
-    its writeback).
-
-    Order is what keeps a target whole: a copy is renamed only after the
-    image below it (queued before it), so it is compared through its chain
-    while still under its temporary name, which nothing links to: a copy is
-    never visible, hence never matchable, before it is verified. Nothing is
-    renamed after a failure: every commit queued after one that failed (or
-    after abort()) is abandoned, its file left under its temporary name for
-    the caller to remove. A final name is never replaced.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.failed: BaseException | None = None
-
-    def submit(self, commit: _Commit) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="replicate-commit",
-                                            daemon=True)
-            self._thread.start()
-        self._queue.put(commit)
-
-    def abort(self, reason: BaseException) -> None:
-        """Abandon every commit not yet started."""
-        if self.failed is None:
-            self.failed = reason
-
-    def stop(self) -> None:
-        """Wait until everything queued is committed or abandoned."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        from vdisk_block import files
-
-        while (c := self._queue.get()) is not None:
-            try:
-                if self.failed is None:
-                    # the descriptor that wrote the copy: its fsync reports any
-                    # writeback error, which a fresh open could miss
-                    os.fsync(c.fd)
-                    if c.verify:
-                        _verify_copy(c.layer, c.tmp, c.path)
-                    files.rename_noreplace(c.tmp, c.path)
-                    if c.sync_dir:
-                        files.fsync_dir(os.path.dirname(c.path))
-            except BaseException as e:              # noqa: BLE001  (reported by the job)
-                self.failed = e
-            finally:
-                with contextlib.suppress(OSError):
-                    os.close(c.fd)
-            if self.failed is not None and c.job.error is None:
-                c.job.error = self.failed
-            if c.last or c.job.error is not None:
-                c.job.done.set()
 
 
 class Session:
@@ -162,8 +55,8 @@ class Session:
         self.results: list[dict[str, Any]] = []
         self.catalog: Any = None
         self._stack = ExitStack()
-        self._committer = _Committer()
-        self._jobs: list[_Job] = []                 # added, disk not yet added
+        self._committer = Committer()
+        self._jobs: list[Job] = []                 # added, disk not yet added
         self._own: dict[tuple[bytes, int], str] = {}   # (ID, size) -> copy made here
         self._names: set[str] = set()               # image names taken by this session
         self._disks: set[str] = set()
@@ -247,7 +140,7 @@ class Session:
             if disk is not None and any(r["name"] == disk for r in catalog.disks()):
                 replaces = target.check_refresh(catalog, disk)
             top = layers[0]
-            job = _Job(os.path.abspath(source_top), disk,
+            job = Job(os.path.abspath(source_top), disk,
                        (top.size, top.cluster_bits,
                         top.identity.content_id if top.identity.valid else None),
                        [], replaces=replaces, t0=t0)
@@ -280,7 +173,7 @@ class Session:
                 # failure abandoned, or a copy cut short
                 target.remove_partials(self.catalog)
 
-    def _copy_chain(self, job: _Job, layers: list[Any]) -> None:
+    def _copy_chain(self, job: Job, layers: list[Any]) -> None:
         """Plan (copy the top; link at the first parent the target has), then copy
         bottom-up, each copy queued for the committer as soon as it is written."""
         from vdisk_block import identity, layercopy
@@ -333,7 +226,7 @@ class Session:
             results.append(layer)
             # a disk's new top is created in the same directory right after the
             # copies, and syncs it: the last copy's rename needs no sync of its own
-            self._committer.submit(_Commit(res.fd, tmp, catalog.abspath(rel),
+            self._committer.submit(Commit(res.fd, tmp, catalog.abspath(rel),
                                            sync_dir=not last or job.disk is None,
                                            job=job, last=last, layer=layer,
                                            verify=self.verify))
@@ -386,7 +279,7 @@ class Session:
             self._committer.abort(e)
             raise
 
-    def _finish_job(self, job: _Job) -> None:
+    def _finish_job(self, job: Job) -> None:
         if not job.done.is_set():                   # only once the committer stopped
             raise ReplicateError(f"{job.source}: replicate stopped before its copies "
                                  "were all written")
@@ -444,19 +337,8 @@ def describe(e: BaseException) -> str:
     return str(e)
 
 
-def _verify_copy(layer: Layer, image: str, shown_as: str) -> None:
-    """The target image reads (through its chain) as its source does; else
-    VerifyMismatch, naming the image as shown_as."""
-    try:
-        qemu_img.compare(layer.source, image, force_share=True)
-    except ContentMismatch:
-        layer.verified = False
-        raise VerifyMismatch(f"verify: {shown_as} differs from {layer.source}") from None
-    layer.verified = True
-
-
 def _verify_linked(catalog: Any, results: list[Layer]) -> None:
     for r in results:
         if r.action == "linked":
             path = catalog.abspath(r.image)
-            _verify_copy(r, path, path)
+            verify_copy(r, path, path)
