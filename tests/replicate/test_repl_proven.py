@@ -31,6 +31,7 @@ from replharness import (
     qemu_io,
     replicate,
     target_disk,
+    vdisk,
     write_layer,
 )
 
@@ -90,3 +91,31 @@ def test_no_link_to_a_target_image_whose_chain_is_not_proven(source: Source,
     assert_same_data(source.top("vm3"), top)
     assert [r["action"] for r in result["layers"]] == ["copied"] * 3
     assert_totals(result, target)
+
+
+def test_a_foreign_read_write_open_does_not_hide_a_later_base_change(
+        tmp_path: Path, target: Path) -> None:
+    """mid records base's ID; ``qemu-img check -r leaks`` opens it read-write
+    (its identity bit is cleared), then vdisk writes it again: mid records
+    base's current ID, so once base changes the chain through mid is refused,
+    by the plugin's check and by replicate, instead of being linked above."""
+    from vdisk_block.create import create_qcow2
+
+    base, mid = tmp_path / "base.qcow2", tmp_path / "mid.qcow2"
+    create_qcow2(str(base), 64 * MiB)
+    write_layer(base, [(1, 0, 4 * MiB)])
+    create_qcow2(str(mid), 64 * MiB, backing="base.qcow2", backing_format="qcow2",
+                 parent_id=bytes.fromhex(identity_of(base)["content_id"].replace("-", "")))
+    qemu_img.run(["check", "-q", "-r", "leaks", mid])
+    assert identity_of(mid)["state"] == "unknown"
+    write_layer(mid, [(2, 8 * MiB, MiB)])
+    assert identity_of(mid)["parent_id"] == identity_of(base)["content_id"]
+
+    t1 = tmp_path / "t1.qcow2"
+    qemu_img.create(t1, "qcow2", backing="mid.qcow2", backing_fmt="qcow2")
+    replicate(t1, "--to", target)
+    write_layer(base, [(3, 0, 64 * 1024)])                 # base changes: a fresh ID
+    t2 = tmp_path / "t2.qcow2"
+    qemu_img.create(t2, "qcow2", backing="mid.qcow2", backing_fmt="qcow2")
+    line = vdisk("replicate", t2, "--to", target).error_line()
+    assert "modified since the child was created" in line and str(mid) in line, line
