@@ -15,11 +15,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from .errors import ImageError
+from .files import OwnedTemp, taken_names, temp_path
 
 DB_NAME = "vdisk.db"
 IMAGES = "images"
@@ -71,6 +72,8 @@ CREATE INDEX IF NOT EXISTS images_by_content ON images (content_id);
 PARTIAL_SUFFIX = ".partial"     # an image being written: never indexed, never matched
 
 FINAL_STATES = ("done", "cancelled", "failed")
+
+_RESERVE_ATTEMPTS = 20
 
 
 class CatalogError(ImageError):
@@ -150,19 +153,45 @@ class Catalog:
         """A fresh image name for a disk, relative to the datastore."""
         return self.new_image_paths(disk, 1)[0]
 
-    def new_image_paths(self, disk: str, count: int) -> list[str]:
-        """``count`` distinct fresh image names (relative), none of which exists yet
-        (nor as an image being written, ``.NAME.partial``)."""
-        base = os.path.join(IMAGES, f"{disk}-{time.strftime('%Y%m%dT%H%M%S')}")
+    def new_image_paths(self, disk: str, count: int, skip: Collection[str] = ()) -> list[str]:
+        """``count`` distinct fresh image names (relative), none of which exists
+        yet nor is reserved by a temporary ``.NAME.*`` (an image being written:
+        files.OwnedTemp, replicate's ``.partial``), nor is in ``skip``."""
+        base = f"{disk}-{time.strftime('%Y%m%dT%H%M%S')}"
+        taken = taken_names(self.abspath(IMAGES))
         names: list[str] = []
         n = 0
         while len(names) < count:
-            rel = f"{base}-{n}.qcow2"
-            if not any(os.path.lexists(self.abspath(p)) for p in
-                       (rel, partial_name(rel), partial_name(rel, ".creating"))):
+            name = f"{base}-{n}.qcow2"
+            rel = os.path.join(IMAGES, name)
+            if name not in taken and rel not in skip:
                 names.append(rel)
             n += 1
         return names
+
+    def reserve_image_paths(self, disk: str, count: int, suffix: str) -> list[OwnedTemp]:
+        """``count`` fresh image names, each reserved by an owned temporary
+        ``.NAME.SUFFIX`` created here (``OwnedTemp.final`` is the absolute name):
+        until the caller commits or discards them, no other writer picks those
+        names. A name another writer reserves or creates meanwhile is passed over."""
+        temps: list[OwnedTemp] = []
+        tried: set[str] = set()
+        try:
+            for _ in range(_RESERVE_ATTEMPTS):
+                for rel in self.new_image_paths(disk, count - len(temps), skip=tried):
+                    tried.add(rel)
+                    t = OwnedTemp.reserve(self.abspath(rel), suffix)
+                    if t is not None:
+                        temps.append(t)
+                if len(temps) == count:
+                    return temps
+            raise CatalogError(self.dir, f"could not reserve {count} new image names for "
+                               f"disk {disk!r}")
+        except BaseException:
+            for t in temps:
+                t.discard()
+                t.close()
+            raise
 
     # -- meta -----------------------------------------------------------------------
 
@@ -340,8 +369,7 @@ def check_disk_name(where: str, name: str) -> None:
 def partial_name(rel: str, suffix: str = PARTIAL_SUFFIX) -> str:
     """Where an image is written before it becomes visible under ``rel``
     (``.creating``: create.create_qcow2's temporary name)."""
-    head, tail = os.path.split(rel)
-    return os.path.join(head, f".{tail}{suffix}")
+    return temp_path(rel, suffix)
 
 
 @contextmanager

@@ -15,7 +15,10 @@ refused (header.max_virtual_size).
 
 Every structure is written, then the file and its directory are fsynced, so
 the image exists whole or not at all from a crash's point of view: the file
-is created under a temporary name and linked into place.
+is written under a temporary name it owns (files.OwnedTemp, ``.NAME.creating``)
+and renamed into place without replacing anything. A temporary left by a
+crash is removed and creation proceeds; one another process is writing makes
+this creation fail with EEXIST.
 
 Every image created here carries a content ID (identity.py); a child also
 records its parent's.
@@ -29,7 +32,7 @@ import struct
 from . import header as hdr
 from . import identity as ident
 from .errors import RequestError
-from .files import fsync_dir
+from .files import CREATING_SUFFIX, OwnedTemp, fsync_dir
 
 REFCOUNT_ORDER = 4
 
@@ -94,7 +97,8 @@ def create_qcow2(path: str, size: int, *, cluster_bits: int = 16, backing: str |
                  backing_format: str | None = None, parent_id: bytes | None = None,
                  content_id: bytes | None = None, tmp: str | None = None) -> bytes:
     """Create the image; returns its content ID. ``tmp`` is the name it is
-    written under before it is linked into place (default ``.NAME.creating``)."""
+    written under before it is renamed into place (default ``.NAME.creating``).
+    FileExistsError if path exists, or tmp is held by another process."""
     check_size(path, size, cluster_bits)
     cs = 1 << cluster_bits
     l1_entries = l1_entries_for(size, cs)
@@ -111,17 +115,12 @@ def create_qcow2(path: str, size: int, *, cluster_bits: int = 16, backing: str |
     nclusters = 1 + table_clusters + blocks + l1_clusters
     table = struct.pack(f">{blocks}Q", *((1 + table_clusters + i) * cs for i in range(blocks)))
     counts = struct.pack(f">{nclusters}H", *([1] * nclusters))
-    tmp = tmp or os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.creating")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        os.pwrite(fd, first, 0)
-        os.pwrite(fd, table, cs)
-        os.pwrite(fd, counts, (1 + table_clusters) * cs)
-        os.ftruncate(fd, nclusters * cs)
-        os.fsync(fd)
-        os.link(tmp, path)          # fails if path exists: never replace an image
-    finally:
-        os.close(fd)
-        os.unlink(tmp)
+    with OwnedTemp.create(path, CREATING_SUFFIX, path=tmp, take_stale=True) as t:
+        os.pwrite(t.fd, first, 0)
+        os.pwrite(t.fd, table, cs)
+        os.pwrite(t.fd, counts, (1 + table_clusters) * cs)
+        os.ftruncate(t.fd, nclusters * cs)
+        os.fsync(t.fd)
+        t.commit()                  # fails if path exists: never replace an image
     fsync_dir(os.path.dirname(path) or ".")
     return content_id

@@ -19,6 +19,7 @@ from vdisk.qemu_img import QemuImgError
 from vdisk_block import open_disk
 from vdisk_block.create import create_qcow2
 from vdisk_block.errors import RequestError
+from vdisk_block.files import OwnedTemp, temp_path
 
 MiB = 1 << 20
 L1_LIMIT_ENTRIES = (32 * MiB) // 8
@@ -86,3 +87,33 @@ def test_size_limit_is_qemu_img_s(tmp_path: Path, cs: int) -> None:
                                            f"\\(at most {largest(cs)} bytes\\)"):
         create_qcow2(str(image), too_large, cluster_bits=cs.bit_length() - 1)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_stale_temporary_is_replaced(tmp_path: Path) -> None:
+    """A ``.NAME.creating`` a killed creation left (nobody holds it) is no obstacle."""
+    image = tmp_path / "new.qcow2"
+    stale = Path(temp_path(str(image), ".creating"))
+    stale.write_bytes(b"half an image")
+    create_qcow2(str(image), MiB)
+    qemu_img.check_clean(image, allow_leaks=False)
+    assert sorted(os.listdir(tmp_path)) == ["new.qcow2"]
+
+
+def test_a_live_temporary_is_left_alone(tmp_path: Path) -> None:
+    """Another creation of the same image is under way: EEXIST, its file untouched."""
+    image = tmp_path / "new.qcow2"
+    with OwnedTemp.create(str(image)) as other:
+        os.write(other.fd, b"theirs")
+        with pytest.raises(FileExistsError):
+            create_qcow2(str(image), MiB)
+        assert Path(other.path).read_bytes() == b"theirs"
+        assert os.listdir(tmp_path) == [os.path.basename(other.path)]
+
+
+def test_an_existing_image_is_never_replaced(tmp_path: Path) -> None:
+    image = tmp_path / "new.qcow2"
+    image.write_bytes(b"someone's image")
+    with pytest.raises(FileExistsError):
+        create_qcow2(str(image), MiB)
+    assert image.read_bytes() == b"someone's image"
+    assert os.listdir(tmp_path) == ["new.qcow2"]
