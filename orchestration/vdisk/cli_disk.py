@@ -35,6 +35,8 @@ from .cli_common import (
 from .control import is_served
 from .progress import human_bytes
 
+CLUSTER_BITS = 16       # the cluster size of the disks ``disk create`` makes
+
 
 def add_parsers(sub: Any) -> None:
     out, ds, ctl = output_options(), datastore_options(), control_options()
@@ -134,20 +136,12 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
     with catalog(args) as c:
         check_new_disk(c, args.name)
         backing = _frozen_image(c, args.backing) if args.backing else None
-        size = args.size
-        if backing is not None:
-            if size is None:
-                size = backing.size
-            elif size < backing.size:
-                raise CliError(f"--size {size} is smaller than {args.backing} "
-                               f"({backing.size} bytes)")
-        elif size is None:
-            raise CliError("--size is required (or --backing IMAGE for a linked clone)")
-        _sweep(c)
-        rel = c.new_image_path(args.name)
-        path = c.abspath(rel)
         try:
-            create_qcow2(path, size,
+            size = _new_size(args, backing)
+            _sweep(c)
+            rel = c.new_image_path(args.name)
+            path = c.abspath(rel)
+            create_qcow2(path, size, cluster_bits=CLUSTER_BITS,
                          backing=relative_backing(path, backing.path) if backing else None,
                          backing_format="qcow2" if backing else None,
                          parent_id=backing.identity.content_id if backing else None)
@@ -169,6 +163,28 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
         text += f", a linked clone of {out['backing']}"
     emit(args, out, text)
     return 0
+
+
+def _new_size(args: argparse.Namespace, backing: Any) -> int:
+    """The new disk's size: --size, else the backing image's; refused up front
+    when no image of CLUSTER_BITS clusters can be that large (as qemu-img)."""
+    from vdisk_block.header import max_virtual_size
+
+    size: int | None = args.size
+    if backing is not None:
+        if size is None:
+            size = int(backing.size)
+        elif size < backing.size:
+            raise CliError(f"--size {size} is smaller than {args.backing} "
+                           f"({backing.size} bytes)")
+    elif size is None:
+        raise CliError("--size is required (or --backing IMAGE for a linked clone)")
+    largest = max_virtual_size(CLUSTER_BITS)
+    if size > largest:
+        raise CliError(f"--size {human_bytes(size)} is too large: a qcow2 image with "
+                       f"{human_bytes(1 << CLUSTER_BITS)} clusters holds at most "
+                       f"{human_bytes(largest)} ({largest} bytes)")
+    return size
 
 
 def _frozen_image(c: Any, name: str) -> Any:

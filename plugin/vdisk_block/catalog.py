@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -360,9 +361,19 @@ class Catalog:
         return [r["path"] for r in rows]
 
 
-def check_disk_name(where: str, name: str) -> None:
-    """A disk name is an export name and a file name stem: no '/', no leading '.'."""
-    if not name or "/" in name or name.startswith(".") or len(name) > 200:
+_NEW_DISK_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]{0,63}")
+NEW_DISK_NAME_RULE = ("letters, digits, '.', '_', '-' and '+', at most 64 characters, "
+                      "not starting with '-' or '.'")
+
+
+def check_disk_name(where: str, name: str, *, new: bool = True) -> None:
+    """A disk name is an export name (in NBD URIs) and a file name stem. A new
+    disk's name must follow NEW_DISK_NAME_RULE; ``new=False`` accepts the names
+    older versions allowed (no '/', no leading '.'), so their disks stay usable."""
+    if new:
+        if _NEW_DISK_NAME.fullmatch(name) is None:
+            raise CatalogError(where, f"invalid disk name {name!r}: use {NEW_DISK_NAME_RULE}")
+    elif not name or "/" in name or name.startswith(".") or len(name) > 200:
         raise CatalogError(where, f"invalid disk name {name!r}")
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 from cliharness import Datastore, MiB, chain_length, run_vdisk
 
 from vdisk import qemu_img, qemu_io
+
+PiB = 1 << 50
 
 
 def test_datastore_init_is_idempotent(tmp_path: Path) -> None:
@@ -30,6 +33,65 @@ def test_disk_create(datastore: Datastore) -> None:
 
     human = datastore.vdisk("disk", "create", "vm2", "--size", "512M").stdout
     assert human.startswith("created disk vm2 (512.0 MiB)")
+
+
+@pytest.mark.parametrize("size", ["4P", "3P", "100P", "8E", "99999999999E", "2049T"])
+def test_disk_create_refuses_sizes_no_image_can_have(datastore: Datastore, size: str) -> None:
+    """qemu-img 7.2 creates 2 PiB with 64 KiB clusters and refuses 512 bytes more."""
+    result = datastore.vdisk("disk", "create", "big", "--size", size, check=False)
+    assert result.returncode == 1
+    assert result.error_line().endswith(
+        "is too large: a qcow2 image with 64.0 KiB clusters holds at most 2.0 PiB "
+        f"({2 * PiB} bytes)")
+    assert datastore.images() == [] and datastore.json("disk", "list")["disks"] == []
+
+
+@pytest.mark.parametrize("size", ["1e5", "0x100", "-1G", "0", "1.1k", "1G1", "9" * 40, "1 G B",
+                                  "nan", "inf", "1.5", "9" * 400 + ".5G"],
+                         ids=lambda s: s[:12])
+def test_disk_create_refuses_sizes_it_cannot_read(datastore: Datastore, size: str) -> None:
+    result = datastore.vdisk("disk", "create", "bad", f"--size={size}", check=False)
+    assert result.returncode == 2
+    assert result.error_line().startswith(f"argument --size: invalid size {size!r}")
+
+
+def test_disk_create_of_the_largest_size(datastore: Datastore) -> None:
+    out = datastore.json("disk", "create", "big", "--size", "2P")
+    top = datastore.path / out["top"]
+    assert qemu_img.info(top)["virtual-size"] == 2 * PiB
+    qemu_img.check_clean(top, allow_leaks=False)
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a b", ".hidden", "x" * 65, "vm/1", "vm?export=x",
+                                  "\u00e9t\u00e9"])
+def test_disk_names_are_checked(datastore: Datastore, tmp_path: Path, name: str) -> None:
+    image = tmp_path / "src.qcow2"
+    qemu_img.create(image, "qcow2", MiB)
+    for command in (["disk", "create", name, "--size", "1M"], ["disk", "import", name, image]):
+        result = datastore.vdisk(*command, check=False)
+        assert result.returncode == 1
+        assert result.error_line().endswith(
+            f"invalid disk name {name!r}: use letters, digits, '.', '_', '-' and '+', "
+            "at most 64 characters, not starting with '-' or '.'")
+    assert datastore.images() == []
+    assert datastore.json("disk", "create", "Vm_1.2+b-3", "--size", "1M")["disk"] == "Vm_1.2+b-3"
+
+
+def add_old_disk(ds: Path, name: str) -> str:
+    """A disk an older vdisk made, whose name the current rule refuses."""
+    rel = "images/old.qcow2"
+    qemu_img.create(ds / rel, "qcow2", MiB)
+    with sqlite3.connect(ds / "vdisk.db") as db:
+        db.execute("INSERT INTO disks VALUES (?, ?, 0)", (name, rel))
+    db.close()
+    return rel
+
+
+def test_disks_with_old_style_names_stay_usable(datastore: Datastore) -> None:
+    rel = add_old_disk(datastore.path, "old disk")
+    assert datastore.disk("old disk")["chain"] == [rel]
+    datastore.vdisk("snapshot", "old disk")
+    assert len(datastore.disk("old disk")["chain"]) == 2
 
 
 def test_disk_list_and_info(datastore: Datastore) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from vdisk_block import files
-from vdisk_block.catalog import Catalog
+from vdisk_block.catalog import Catalog, check_disk_name
+from vdisk_block.errors import ImageError
 from vdisk_block.files import OwnedTemp, remove_if_stale, sweep_stale_temps, temp_path
 
 
@@ -174,3 +175,17 @@ def test_reserved_names_are_distinct_and_held(catalog: Catalog) -> None:
             t.discard()
             t.close()
     assert os.listdir(catalog.abspath("images")) == []
+
+
+@pytest.mark.parametrize("name", ["vm1", "a", "A.b_c-d+e", "9" * 64, "_x", "+x"])
+def test_new_disk_names_allowed(name: str) -> None:
+    check_disk_name("/ds", name)
+
+
+@pytest.mark.parametrize("name", ["", "a\nb", "a b", "-x", ".x", "a/b", "9" * 65, "é", "a:b",
+                                  "a?b", "a\n"])
+def test_new_disk_names_refused(name: str) -> None:
+    with pytest.raises(ImageError, match="invalid disk name .*: use letters, digits"):
+        check_disk_name("/ds", name)
+    if name and "/" not in name and not name.startswith("."):
+        check_disk_name("/ds", name, new=False)        # an existing disk's name
