@@ -20,11 +20,14 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from . import catalogdb
 from .errors import ImageError
 from .files import OwnedTemp, taken_names, temp_path
 
 DB_NAME = "vdisk.db"
 IMAGES = "images"
+# The catalog's format: raised only for a change older code would misread.
+# Added columns are not such a change: they go into _COLUMNS_ADDED.
 FORMAT_VERSION = "1"
 
 _SCHEMA = """
@@ -52,6 +55,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     target_id TEXT
 );
 """
+
+# Columns added to a table after datastores were made without them: (table,
+# column, declaration), added when a writer opens the catalog (catalogdb).
+# The CREATE statement above has them too, for new datastores.
+_COLUMNS_ADDED: list[tuple[str, str, str]] = [
+    ("jobs", "target_id", "TEXT"),
+]
 
 # What a scan of DIR/images learned from each file's header, keyed by what
 # notices a change of the file (inode, size, mtime, ctime): a later scan reads
@@ -88,24 +98,27 @@ class Catalog:
         if not os.path.exists(db):
             raise CatalogError(self.dir, "not a vdisk datastore (no vdisk.db); "
                                "create one with 'vdisk datastore init'")
-        self._db = self._connect(db)
+        # a datastore this user cannot write is opened read-only: it can be
+        # looked at, and its schema changes wait for a writer
+        self.readonly = not catalogdb.writable(db)
+        self._db = self._connect(db, True) if self.readonly else self._connect(db)
         self._lock = threading.RLock()     # one connection, shared by the service's threads
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        if columns and "target_id" not in columns:      # a datastore made before it existed
-            try:
-                self._db.execute("ALTER TABLE jobs ADD COLUMN target_id TEXT")
-            except sqlite3.OperationalError as e:
-                if "duplicate column" not in str(e):    # another opener added it first
-                    raise
+        self._check_format()
+        if not self.readonly:
+            catalogdb.add_columns(self._db, _COLUMNS_ADDED)
         self.last_scan: dict[str, int] = {}
 
     @staticmethod
-    def _connect(path: str) -> sqlite3.Connection:
-        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+    def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+        return catalogdb.connect(path, readonly)
+
+    def _check_format(self) -> None:
+        """Refuse a catalog written by a newer vdisk in a way this one would misread."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        found = row["value"] if row else FORMAT_VERSION
+        if not found.isdigit() or int(found) > int(FORMAT_VERSION):
+            raise CatalogError(self.dir, f"catalog format {found} is newer than this vdisk "
+                               f"reads (format {FORMAT_VERSION}); upgrade vdisk")
 
     @classmethod
     def init(cls, directory: str) -> Catalog:

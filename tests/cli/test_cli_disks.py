@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cliharness import Datastore, MiB, chain_length, run_vdisk
+from cliharness import CLI, Datastore, MiB, Result, chain_length, run_vdisk
 
 from vdisk import qemu_img, qemu_io
 
@@ -92,6 +97,85 @@ def test_disks_with_old_style_names_stay_usable(datastore: Datastore) -> None:
     assert datastore.disk("old disk")["chain"] == [rel]
     datastore.vdisk("snapshot", "old disk")
     assert len(datastore.disk("old disk")["chain"]) == 2
+
+
+def test_a_newer_catalog_format_is_refused(datastore: Datastore) -> None:
+    with sqlite3.connect(datastore.path / "vdisk.db") as db:
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'format'")
+    db.close()
+    result = datastore.vdisk("disk", "list", check=False)
+    assert result.returncode == 1
+    assert result.error_line().endswith("catalog format 2 is newer than this vdisk reads "
+                                        "(format 1); upgrade vdisk")
+
+
+OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE disks (name TEXT PRIMARY KEY, top TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, disk TEXT NOT NULL,
+    kind TEXT NOT NULL, state TEXT NOT NULL, target TEXT,
+    new_image INTEGER NOT NULL DEFAULT 0, collapse INTEGER, top_before TEXT,
+    top_after TEXT, dropped TEXT NOT NULL DEFAULT '[]', stats TEXT NOT NULL DEFAULT '{}',
+    error TEXT, started REAL NOT NULL, updated REAL NOT NULL);
+INSERT INTO meta VALUES ('format', '1');
+"""
+
+
+@pytest.fixture
+def old_datastore() -> Iterator[Path]:
+    """A datastore an older vdisk made (jobs without target_id), in a directory
+    another user may enter."""
+    top = Path(tempfile.mkdtemp(prefix="vdisk-ro-"))
+    top.chmod(0o755)
+    ds = top / "ds"
+    (ds / "images").mkdir(parents=True)
+    with sqlite3.connect(ds / "vdisk.db") as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(OLD_SCHEMA)
+    db.close()
+    add_old_disk(ds, "vm1")
+    try:
+        yield ds
+    finally:
+        for p in (ds, ds / "images"):
+            p.chmod(0o755)
+        shutil.rmtree(top)
+
+
+def run_as_reader(ds: Path, *args: str) -> Result:
+    """vdisk as a user who cannot write ds: another user when we are root."""
+    for p in (ds, ds / "images"):
+        p.chmod(0o555)
+    (ds / "vdisk.db").chmod(0o444)
+    become = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+        if os.geteuid() == 0 else []
+    cp = subprocess.run([*become, *CLI, *args, "-d", str(ds)], stdin=subprocess.DEVNULL,
+                        capture_output=True, text=True, timeout=60, check=False)
+    return Result(cp.returncode, cp.stdout, cp.stderr)
+
+
+def jobs_columns(ds: Path) -> set[str]:
+    with sqlite3.connect(ds / "vdisk.db") as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    db.close()
+    return columns
+
+
+def test_a_writer_adds_the_columns_an_old_datastore_lacks(old_datastore: Path) -> None:
+    assert "target_id" not in jobs_columns(old_datastore)
+    run_vdisk("disk", "list", "-d", old_datastore)
+    assert "target_id" in jobs_columns(old_datastore)
+
+
+def test_a_read_only_datastore_can_be_looked_at(old_datastore: Path) -> None:
+    """Its schema is older (jobs without target_id): adding the column waits for
+    a writer."""
+    listed = run_as_reader(old_datastore, "disk", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [d["name"] for d in listed.json()["disks"]] == ["vm1"]
+    info = run_as_reader(old_datastore, "disk", "info", "vm1", "--json")
+    assert info.returncode == 0 and info.json()["chain"] == ["images/old.qcow2"], info.stderr
+    assert "target_id" not in jobs_columns(old_datastore)
 
 
 def test_disk_list_and_info(datastore: Datastore) -> None:
