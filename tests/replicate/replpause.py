@@ -85,14 +85,16 @@ def main() -> int:
 
         files.rename_noreplace = counted_rename
     elif kind == "creating":
-        link = os.link
+        from vdisk_block.files import OwnedTemp
 
-        def paused_link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-            if str(src).endswith(".partial"):      # create_qcow2(tmp=...) links it
+        commit = OwnedTemp.commit
+
+        def paused_commit(self: OwnedTemp) -> None:
+            if self.path.endswith(".partial"):     # create_qcow2(tmp=...) renames it
                 pause()
-            link(src, dst, *args, **kwargs)
+            commit(self)
 
-        os.link = paused_link
+        OwnedTemp.commit = paused_commit        # type: ignore[method-assign]
     elif kind == "add-disk":
         add_disk = Catalog.add_disk
 
