@@ -145,14 +145,16 @@ def target_names(catalog: Any, copies: list[Any], taken: set[str]) -> list[str]:
     """Each copy keeps its source's file name where the target has none such,
     else gets a fresh one; all distinct, none existing (nor being written, nor
     ``taken``)."""
-    from vdisk_block.catalog import IMAGES, partial_name
+    from vdisk_block.catalog import IMAGES
+    from vdisk_block.files import taken_names
 
+    # what exists or is reserved there (an import's temporaries reserve names)
+    there = taken_names(catalog.abspath(IMAGES))
     names: list[str] = []
     for f in copies:
         name = os.path.basename(f.path)
         rel = os.path.join(IMAGES, name if name.endswith(".qcow2") else name + ".qcow2")
-        if rel in names or rel in taken or os.path.lexists(catalog.abspath(rel)) or \
-                os.path.lexists(catalog.abspath(partial_name(rel))):
+        if rel in names or rel in taken or os.path.basename(rel) in there:
             # images/vm-20261124T232839-0.qcow2 -> vm-<now>-N.qcow2
             stem = re.sub(r"-\d{8}T\d{6}-\d+$", "", rel[len(IMAGES) + 1: -len(".qcow2")])
             rel = next(n for n in catalog.new_image_paths(stem, len(copies) + len(taken) + 1)

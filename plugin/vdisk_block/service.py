@@ -20,11 +20,12 @@ from typing import Any
 
 from . import __version__, owner, recovery
 from . import header as hdr
-from .catalog import Catalog, CatalogError
+from .catalog import IMAGES, Catalog, CatalogError
 from .chain import chain_paths, open_disk
 from .chainops import snapshot
 from .disk import Disk
 from .errors import ImageError, RequestError
+from .files import sweep_stale_temps
 from .jobcommands import JobCommands
 from .mirror import ACTIVE, MirrorJob
 
@@ -82,6 +83,10 @@ class DatastoreService(JobCommands):
             if new:
                 self.catalog.disk(name)             # it exists
                 lock = owner.own_disk(self.dir, name, self.what)
+                if not self._owned and not self.catalog.readonly:
+                    # once a process owns something: what dead commands left
+                    sweep_stale_temps(self.catalog.abspath(IMAGES))
+                    owner.sweep_owners(self.dir)
             try:
                 finished = recovery.recover_disk(self.catalog, name, set(self.jobs)) \
                     if new or settle else []
