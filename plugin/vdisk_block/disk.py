@@ -167,15 +167,16 @@ class Disk:
 
     def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
         n = len(buf)
-        within = offset & self._gmask
-        if within + n <= self._g and 0 <= offset and offset + n <= self.size:
+        fd = -1
+        with self.lock:
             # Fast path, the common small random read: one slot of plain data
-            # (the map's get() inlined: this runs once per NBD read).
+            # (the map's get() inlined: this runs once per NBD read). The
+            # geometry is read under the lock: a pivot may change it.
             # With concurrent_reads (nbdkit's parallel thread model) the preadv
             # runs outside the lock, counted in _inflight so that no descriptor
             # is closed under it.
-            fd = -1
-            with self.lock:
+            within = offset & self._gmask
+            if within + n <= self._g and 0 <= offset and offset + n <= self.size:
                 slot = offset >> self._gbits
                 c = self.map.chunks[slot >> CHUNK_BITS]
                 e = 0 if c is None else c[slot & CHUNK_MASK]
@@ -190,16 +191,16 @@ class Disk:
                         else:
                             with self._inflight_lock:
                                 self._inflight += 1
-            if fd >= 0:
-                try:
-                    got = os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within)
-                finally:
-                    with self._inflight_lock:
-                        self._inflight -= 1
-                        if not self._inflight:
-                            self._idle.notify_all()
-                if got == n:
-                    return
+        if fd >= 0:                       # concurrent_reads: outside the lock
+            try:
+                got = os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within)
+            finally:
+                with self._inflight_lock:
+                    self._inflight -= 1
+                    if not self._inflight:
+                        self._idle.notify_all()
+            if got == n:
+                return
         mv = memoryview(buf).cast("B")
         self._check(len(mv), offset)
         with self.lock:
@@ -388,7 +389,8 @@ class Disk:
         below = self.map.backing_has_data(c * per, per)
         if top.v3 and _in_place(e) and not may_trim:
             new = (e & OFFSET_MASK) | ZERO_FLAG | COPIED       # keep the allocation
-        elif top.v3 and (e & ZERO_FLAG and e & OFFSET_MASK) and not may_trim:
+        elif top.v3 and not e & COMPRESSED and e & ZERO_FLAG and e & OFFSET_MASK and \
+                not may_trim:           # (bit 0 of a compressed entry is its offset's)
             new = e
         elif below:
             new = ZERO_FLAG
