@@ -88,6 +88,12 @@ class MirrorJob:
         if not 1 <= collapse <= len(disk.layers) - (0 if new_path else 1):
             raise RequestError(disk.path, f"cannot collapse {collapse} layers of a chain "
                                f"of {len(disk.layers)}")
+        if not new_path and disk.layers[collapse].size < disk.size:
+            target = disk.layers[collapse]
+            raise RequestError(target.path, f"its virtual size ({target.size} bytes) is "
+                               f"smaller than the disk's ({disk.size} bytes): it cannot hold "
+                               "what the layers above it hold; consolidate to a new image "
+                               "instead")
         self.disk = disk
         self.collapse = collapse
         self.new_path = new_path
