@@ -34,17 +34,33 @@ class ReplicateError(Error):
         super().__init__(reason)
 
 
-def open_target(directory: str) -> Any:
-    """The target datastore's catalog; a missing or empty directory becomes one."""
-    from vdisk_block.catalog import DB_NAME, Catalog
+def prepare_target(directory: str) -> str:
+    """The target directory, made if missing; refused if it is neither a
+    datastore nor empty (so that its lock can be taken before anything else)."""
+    from vdisk_block.catalog import DB_NAME
 
     directory = os.path.abspath(directory)
+    if not os.path.exists(os.path.join(directory, DB_NAME)):
+        if os.path.exists(directory) and (not os.path.isdir(directory) or
+                                          not _empty(directory)):
+            raise ReplicateError(f"{directory} is not a vdisk datastore (and not an empty "
+                                 "directory); create one with 'vdisk datastore init'")
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise ReplicateError(f"{directory}: cannot make it a datastore: "
+                                 f"{e.strerror or e}") from None
+    return directory
+
+
+def open_target(directory: str) -> Any:
+    """The target datastore's catalog (under the target's lock); a missing or
+    empty directory becomes one."""
+    from vdisk_block.catalog import DB_NAME, Catalog
+
+    directory = prepare_target(directory)
     if os.path.exists(os.path.join(directory, DB_NAME)):
         return Catalog(directory)
-    if os.path.exists(directory) and (not os.path.isdir(directory) or not _empty(directory)):
-        raise ReplicateError(f"{directory} is not a vdisk datastore (and not an empty "
-                             "directory); create one with 'vdisk datastore init'")
-    os.makedirs(directory, exist_ok=True)
     return Catalog.init(directory)
 
 

@@ -84,9 +84,11 @@ class Session:
         and take its lock; refuses a target that is no datastore. Callers that
         change the source first (a snapshot) call it before they do."""
         if self.catalog is None:
-            catalog = target.open_target(self.target_dir)
+            # the lock first: replicates racing to make one new target take turns
+            directory = target.prepare_target(self.target_dir)
+            self._stack.enter_context(target.target_lock(directory))
+            catalog = target.open_target(directory)
             self._stack.callback(catalog.close)
-            self._stack.enter_context(target.target_lock(catalog.dir))
             target.remove_partials(catalog)
             self.catalog = catalog
 
