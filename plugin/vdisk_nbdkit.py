@@ -2,10 +2,10 @@
 #
 #   nbdkit [-r] (-U SOCK | -p PORT -i 127.0.0.1) python plugin/vdisk_nbdkit.py image=TOP.qcow2
 #
-# or every disk of a datastore, each an export of its name, with the control
-# socket of docs/control.md:
+# or one disk of a datastore (a worker of `vdisk serve`), as the export of its
+# name, with the disk's control socket of docs/control.md:
 #
-#   nbdkit -U SOCK python plugin/vdisk_nbdkit.py datastore=DIR [control=CONTROL.sock]
+#   nbdkit -U SOCK python plugin/vdisk_nbdkit.py datastore=DIR disk=NAME [control=CTL.sock]
 #
 # A thin adapter: every decision lives in the vdisk_block package beside this
 # file. Note that nbdkit requires a top-level `open`, which shadows the builtin
@@ -23,22 +23,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vdisk_block import ImageError, open_disk  # noqa: E402
 from vdisk_block.control import ControlServer  # noqa: E402
+from vdisk_block.diskservice import DiskService  # noqa: E402
+from vdisk_block.errors import RequestError  # noqa: E402
 from vdisk_block.nbdkit_args import process_argv, readonly_from_argv  # noqa: E402
-from vdisk_block.owner import own_server  # noqa: E402
-from vdisk_block.service import DatastoreService  # noqa: E402
 
 API_VERSION = 2
 sys.tracebacklimit = 0       # errors reach the log as one line: "Type: image: reason"
 
 _config: dict[str, str] = {}
 _disk = None                  # image= mode: the one disk
-_service = None               # datastore= mode: every disk of the datastore
+_service = None               # datastore= mode: the disk's service (its owner)
 _control = None
-_server_lock = None           # datastore= mode: owner.own_server's lock
 _KEYS = {
     "image": "path of the top image of the chain to serve",
-    "datastore": "serve every disk of this vdisk datastore, one export per disk",
-    "control": "with datastore=: path of the control socket to listen on",
+    "datastore": "the vdisk datastore of disk=",
+    "disk": "with datastore=: the disk to serve, as the export of its name",
+    "control": "with datastore=: path of the disk's control socket to listen on",
     "threads": "thread model: serialize (default) or parallel",
 }
 _THREAD_MODELS = {
@@ -87,23 +87,31 @@ def config_complete():
     global _disk, _service
     readonly = readonly_from_argv(process_argv())
     if ("image" in _config) == ("datastore" in _config):
-        raise ValueError("give exactly one of image=PATH or datastore=DIR")
+        raise ValueError("give exactly one of image=PATH or datastore=DIR disk=NAME")
+    if ("datastore" in _config) != ("disk" in _config):
+        raise ValueError("datastore=DIR goes with disk=NAME (one worker serves one disk)")
     if "control" in _config and "datastore" not in _config:
         raise ValueError("control= needs datastore=")
     parallel = _config.get("threads") == "parallel"
     if "image" in _config:
         _disk = open_disk(_config["image"], readonly=readonly)
         _disk.concurrent_reads = parallel
-    else:
-        global _server_lock
-        directory = os.path.abspath(_config["datastore"])
-        _server_lock = own_server(directory, "nbdkit serving it")
-        _service = DatastoreService(directory, readonly=readonly, concurrent_reads=parallel,
-                                    what="nbdkit serving the datastore")
-        # own every disk now, settling what a dead server left; a disk that a
-        # running offline command owns is served once that command is done
-        for name, why in _service.own_all().items():
-            nbdkit.debug(f"disk {name!r} not owned yet: {why}")
+        return
+    # the disk's owner from here on: settles what a dead owner left, and a disk
+    # an offline command owns, or whose chain cannot open, fails the start
+    _service = DiskService(os.path.abspath(_config["datastore"]), _config["disk"],
+                           readonly=readonly, concurrent_reads=parallel,
+                           what="nbdkit serving it")
+    try:
+        _service.disk()
+    except (ImageError, OSError) as e:
+        # a chain that cannot open: every connection is refused with the reason,
+        # and opening is tried again at each (the chain may be mended meanwhile)
+        print(f"nbdkit: vdisk: disk {_service.name!r} cannot be served: {e}",
+              file=sys.stderr, flush=True)
+    except BaseException:
+        _service.close()
+        raise
 
 
 def after_fork():
@@ -111,34 +119,25 @@ def after_fork():
     global _control
     if _service is not None and "control" in _config:
         _control = ControlServer(os.path.abspath(_config["control"]), _service)
-        _service.catalog.set_meta("control", _control.path)
-        _service.catalog.set_meta("server_pid", str(os.getpid()))
 
 
 def cleanup():
     if _control is not None:
         _control.close()
-        _service.catalog.set_meta("control", None)
-        _service.catalog.set_meta("server_pid", None)
     if _service is not None:
         _service.close()
     if _disk is not None:
         _disk.close()
-    if _server_lock is not None:
-        _server_lock.close()
 
 
 def list_exports(readonly, is_tls):
     if _service is None:
         return [""]
-    return [(r["name"], f"vdisk disk {r['name']}") for r in _service.catalog.disks()]
+    return [(_service.name, f"vdisk disk {_service.name}")]
 
 
 def default_export(readonly, is_tls):
-    if _service is None:
-        return ""
-    disks = _service.catalog.disks()
-    return disks[0]["name"] if len(disks) == 1 else ""
+    return "" if _service is None else _service.name
 
 
 @_errors
@@ -146,14 +145,22 @@ def _open_export(readonly):
     if _service is None:
         return _disk
     name = nbdkit.export_name()
-    if not name:
-        raise ValueError("this server has several disks: ask for one by export name")
-    return _service.disk(name)
+    if name not in ("", _service.name):
+        raise RequestError(_service.dir, f"this server serves disk {_service.name!r}, "
+                           f"not {name!r}", errno=errno.ENOENT)
+    return _service.disk()
 
 
 def open(readonly):
     disk = _open_export(readonly)
+    if _service is not None:
+        _service.clients += 1
     return {"disk": disk, "readonly": readonly or disk.readonly}
+
+
+def close(h):
+    if _service is not None:
+        _service.clients -= 1
 
 
 def get_size(h):

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from fractions import Fraction
 from typing import Any, NoReturn
 
-from .control import Service, open_service
+from .control import Service
 from .errors import Error
+from .routing import open_service
 
 EXIT_USAGE = 2
 

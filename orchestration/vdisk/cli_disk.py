@@ -32,8 +32,8 @@ from .cli_common import (
     parse_size,
     service,
 )
-from .control import is_served
 from .progress import human_bytes
+from .routing import is_served
 
 CLUSTER_BITS = 16       # the cluster size of the disks ``disk create`` makes
 
@@ -75,6 +75,11 @@ def add_parsers(sub: Any) -> None:
     p = dsub.add_parser("info", parents=[out, ds, ctl], help="show a disk, its chain and job")
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=cmd_disk_info)
+
+    p = dsub.add_parser("uri", parents=[out, ds, ctl],
+                        help="print the NBD URI of a served disk")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_disk_uri)
 
     p = dsub.add_parser("remove", parents=[out, ds, ctl],
                         help="remove a disk and the images no other disk uses")
@@ -161,8 +166,27 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
     text = f"created disk {args.name} ({human_bytes(size)}): {rel}"
     if backing is not None:
         text += f", a linked clone of {out['backing']}"
-    emit(args, out, text)
+    out.update(serve_new(args))
+    emit(args, out, text + served_text(out))
     return 0
+
+
+def serve_new(args: argparse.Namespace) -> dict[str, Any]:
+    """A disk just added to a served datastore gets its worker now: its endpoint
+    and the worker's state, once the worker serves (or says why not)."""
+    with service(args) as svc:
+        if not is_served(svc):
+            return {"uri": None, "worker": None}
+        worker = svc.execute("disk-added", {"disk": args.name})["worker"]
+    return {"uri": worker["uri"], "worker": worker}
+
+
+def served_text(out: dict[str, Any]) -> str:
+    w = out.get("worker")
+    if not w:
+        return ""
+    return f"; served on {w['uri']}" if w["state"] == "running" else \
+        f"; not served: {w['state']}" + (f" ({w['error']})" if w["error"] else "")
 
 
 def _new_size(args: argparse.Namespace, backing: Any) -> int:
@@ -251,10 +275,10 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
                 t.close()
     size = int(chain[0]["virtual-size"])
     images = [c.relpath(p) for p in finals]
-    emit(args, {"disk": args.name, "top": top, "chain": images, "size": size,
-                "source": source, "flattened": bool(args.flatten)},
-         f"imported {args.file} as disk {args.name} ({human_bytes(size)}, "
-         f"{len(images)} image{'s' if len(images) != 1 else ''}): {top}")
+    out = {"disk": args.name, "top": top, "chain": images, "size": size,
+           "source": source, "flattened": bool(args.flatten), **serve_new(args)}
+    emit(args, out, f"imported {args.file} as disk {args.name} ({human_bytes(size)}, "
+         f"{len(images)} image{'s' if len(images) != 1 else ''}): {top}{served_text(out)}")
     return 0
 
 
@@ -304,16 +328,18 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
     for d in disks:
         if not d.get("error"):
             d["size"] = _disk_size(directory, d)
-    lines = [f"{'NAME':20} {'SIZE':>10} {'IMAGES':>6}  {'JOB':12} TOP"]
+    lines = [f"{'NAME':20} {'SIZE':>10} {'IMAGES':>6}  {'JOB':12} TOP"
+             + ("  URI" if served else "")]
     for d in disks:
         job = d.get("job")
         job_text = f"{job['id']}:{job['state']}" if job else "-"
+        uri = f"  {_uri_text(d)}" if served else ""
         if d.get("error"):
             lines.append(f"{d['name']:20} {'?':>10} {'?':>6}  {job_text:12} {d['top']} "
-                         f"(error: {d['error']})")
+                         f"(error: {d['error']}){uri}")
             continue
         lines.append(f"{d['name']:20} {human_bytes(d['size']):>10} {len(d['chain']):>6}  "
-                     f"{job_text:12} {d['top']}")
+                     f"{job_text:12} {d['top']}{uri}")
     if not disks:
         lines = ["no disks"]
     emit(args, {"datastore": directory, "served": served, "disks": disks}, "\n".join(lines))
@@ -338,8 +364,7 @@ def cmd_disk_info(args: argparse.Namespace) -> int:
     disk["size"] = chain[0]["virtual_size"] if chain else _disk_size(directory, disk)
     out = {**disk, "served": served, "layers": chain}
     lines = [f"disk {disk['name']}: {human_bytes(disk['size'])}, "
-             f"{'served' if served else 'not served'}"
-             f"{', open' if disk.get('open') else ''}",
+             f"{'served on ' + _uri_text(disk) if served else 'not served'}",
              f"top: {disk['top']}", "chain (top first):"]
     for layer in chain:
         lines.append(f"  {layer['image']}  {layer['format']}  "
@@ -352,6 +377,25 @@ def cmd_disk_info(args: argparse.Namespace) -> int:
     else:
         lines.append("job: none")
     emit(args, out, "\n".join(lines))
+    return 0
+
+
+def _uri_text(disk: dict[str, Any]) -> str:
+    w = disk.get("worker")
+    if w is None:
+        return "-"
+    return disk["uri"] if w["state"] == "running" else \
+        f"{disk['uri']} ({w['state']}{': ' + w['error'] if w['error'] else ''})"
+
+
+def cmd_disk_uri(args: argparse.Namespace) -> int:
+    directory = datastore_dir(args)
+    with service(args) as svc:
+        if not is_served(svc):
+            raise CliError(f"datastore {directory} is not served ('vdisk serve -d "
+                           f"{args.datastore}')")
+        disk = svc.execute("query-disks", {"disk": args.name})["disks"][0]
+    emit(args, {"disk": args.name, "uri": disk["uri"], "worker": disk["worker"]}, disk["uri"])
     return 0
 
 

@@ -31,9 +31,10 @@ from .cli_common import (
     output_options,
     service,
 )
-from .control import Service, is_served
+from .control import Service
 from .errors import Error
 from .progress import ProgressBar, human_bytes
+from .routing import is_served
 
 POLL_S = 0.2
 STALL_TIMEOUT_S = 300.0
@@ -172,7 +173,14 @@ def follow_or_explain(svc: Service, job: dict[str, Any], args: argparse.Namespac
         if is_served(svc):
             raise JobInterrupted(f"interrupted; job {job['id']} keeps running on the server "
                                  f"(vdisk job show {job['id']} -d {args.datastore})") from None
-        raise JobInterrupted(f"interrupted; job {job['id']} is cancelled") from None
+        from vdisk_block.errors import ImageError
+
+        try:                            # offline, the job lives in this process
+            svc.execute("job-cancel", {"id": job["id"]})
+            outcome = "is cancelled"
+        except (Error, ImageError):     # too late: its pivot is under way or done
+            outcome = "had already pivoted; it finishes"
+        raise JobInterrupted(f"interrupted; job {job['id']} {outcome}") from None
 
 
 def finish(args: argparse.Namespace, job: dict[str, Any], text: str | None = None) -> int:

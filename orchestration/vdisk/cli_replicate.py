@@ -20,8 +20,8 @@ from .cli_common import (
     output_options,
     service,
 )
-from .control import is_served
 from .progress import ProgressBar, human_bytes, human_duration
+from .routing import is_served
 
 
 def add_parsers(sub: Any) -> None:

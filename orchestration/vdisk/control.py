@@ -1,17 +1,5 @@
-"""Client of a served datastore's control socket (docs/control.md), and the way in.
-
-    with open_service(datastore) as service:          # served or not
-        top = service.execute("snapshot", {"disk": "vm1"})["top"]
-
-:func:`open_service` returns a :class:`ControlClient` connected to the
-server's control socket when the datastore is served (the socket given with
-``--control``, or the one the server recorded in the catalog), and otherwise
-the block engine's own ``DatastoreService`` running in this process on the
-files directly. Both have ``execute(command, arguments) -> dict`` and
-``close()``; the commands and replies are the same. A served datastore must
-never get a second, in-process service (it would take the running jobs for
-dead ones), so a datastore whose server is alive but whose control socket
-does not answer is an error, not "offline".
+"""Client of a control socket (docs/control.md): a served datastore's
+supervisor, or one disk's worker. ``routing.open_service`` picks which.
 
 The protocol is QMP-like: a greeting, then one JSON object per line; the
 client tags each command with an ``id``, skips the events that arrive between
@@ -28,7 +16,6 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -82,7 +69,8 @@ class ControlProtocolError(Error):
 
 
 class Service(Protocol):
-    """What both a ControlClient and an in-process DatastoreService offer."""
+    """What a ControlClient, a routing.DatastoreClient and the block engine's
+    in-process services offer."""
 
     def execute(self, command: str, arguments: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -201,72 +189,3 @@ class ControlClient:
                 raise ControlProtocolError(self.path, f"{command}: no return object in "
                                            f"{reply}")
             return result
-
-
-# --- served or offline ---------------------------------------------------------------
-
-
-def _server_alive(pid_text: str | None) -> int | None:
-    """The pid of a live nbdkit recorded as the datastore's server, else None."""
-    try:
-        pid = int(pid_text or "")
-    except ValueError:
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-    if state == "Z":
-        return None
-    if not any(arg.startswith(b"datastore=") for arg in cmdline):
-        return None                             # the pid has been reused since
-    return pid
-
-
-def _check_datastore(client: ControlClient, directory: str) -> None:
-    served = client.datastore
-    if served is not None and os.path.realpath(served) != os.path.realpath(directory):
-        client.close()
-        raise ControlUnavailable(client.path, f"serves datastore {served}, not {directory}")
-
-
-def open_service(datastore_dir: str | os.PathLike[str],
-                 control_sock: str | os.PathLike[str] | None = None) -> Service:
-    """A ControlClient if the datastore is served, else an in-process DatastoreService."""
-    from vdisk_block.catalog import Catalog
-    from vdisk_block.service import DatastoreService
-
-    directory = os.path.abspath(datastore_dir)
-    if control_sock is not None:
-        client = ControlClient.connect(control_sock)
-        _check_datastore(client, directory)
-        return client
-    catalog = Catalog(directory)
-    try:
-        recorded = catalog.get_meta("control")
-        server_pid = catalog.get_meta("server_pid")
-    finally:
-        catalog.close()
-    if recorded:
-        path = os.path.join(directory, recorded)
-        try:
-            client = ControlClient.connect(path)
-        except ControlUnavailable as e:
-            log.debug("Recorded control socket is stale: %s", e)
-        else:
-            _check_datastore(client, directory)
-            return client
-    pid = _server_alive(server_pid)
-    if pid is not None:
-        raise ControlUnavailable(
-            os.path.join(directory, recorded or "?"),
-            f"the datastore is served by nbdkit pid {pid} but its control socket does "
-            "not answer")
-    log.debug("Datastore %s is not served: running commands in this process", directory)
-    service: Service = DatastoreService(directory)
-    return service
-
-
-def is_served(service: Service) -> bool:
-    return isinstance(service, ControlClient)

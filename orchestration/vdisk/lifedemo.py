@@ -114,29 +114,29 @@ def _pdeathsig_prefix() -> list[str]:
 
 
 class VdiskServer(process.ProcessOwner):
-    """``vdisk serve -d DIR --unix SOCK --json`` in the foreground, as a process we own.
+    """``vdisk serve -d DIR --unix-dir RUNDIR --json`` in the foreground, as a
+    process we own: one nbdkit worker per disk, on RUNDIR/NAME.sock.
 
-    :meth:`start` returns once the command printed its JSON line (both the NBD
-    socket and the control socket answer), within ``start_timeout``;
-    :meth:`stop` sends SIGTERM to that process (``vdisk serve`` passes it on
-    to nbdkit and exits with nbdkit's status), waits, and SIGKILLs it if need
-    be. Its stderr (and nbdkit's) goes to ``log_path``.
+    :meth:`start` returns once the command printed its JSON line (every worker
+    serves or has said why not), within ``start_timeout``; :meth:`stop` sends
+    SIGTERM to that process (which stops its workers), waits, and SIGKILLs it
+    if need be. Its stderr goes to ``log_path``.
     """
 
     def __init__(
         self,
         datastore: str | os.PathLike[str],
-        socket: str | os.PathLike[str],
+        rundir: str | os.PathLike[str],
         *,
         log_path: str | os.PathLike[str],
         start_timeout: float = 30.0,
     ) -> None:
         super().__init__(Path(log_path))
         self.datastore = Path(datastore).absolute()
-        self.socket = Path(socket).absolute()
+        self.rundir = Path(rundir).absolute()
         self.start_timeout = start_timeout
         self.info: dict[str, Any] = {}
-        self.cmd = [*CLI, "serve", "-d", str(self.datastore), "--unix", str(self.socket),
+        self.cmd = [*CLI, "serve", "-d", str(self.datastore), "--unix-dir", str(self.rundir),
                     "--json"]  # fmt: skip
 
     def __repr__(self) -> str:
@@ -147,11 +147,15 @@ class VdiskServer(process.ProcessOwner):
         return Path(self.info["control"])
 
     @property
-    def nbdkit_pid(self) -> int:
-        return int(self.info["pid"])
+    def exports(self) -> list[str]:
+        return [d["disk"] for d in self.info["disks"]]
+
+    def worker_pid(self, export: str) -> int:
+        """The pid of the disk's worker when the server started."""
+        return int(next(d["pid"] for d in self.info["disks"] if d["disk"] == export))
 
     def uri(self, export: str) -> str:
-        return attach.unix_uri(self.socket, export)
+        return attach.unix_uri(self.rundir / f"{export}.sock", export)
 
     def start(self) -> None:
         self._require_not_started()
@@ -435,11 +439,11 @@ def run(workdir: Path, guest_dir: Path | None) -> list[tuple[str, str]]:
     chain_before = imported["chain"]
     say(f"  disk {DISK}: {human_bytes(imported['size'])}, chain {chain_before}")
 
-    sock = ds / "nbd.sock"
-    say(f"$ vdisk serve -d {ds} --unix {sock}")
-    with VdiskServer(ds, sock, log_path=workdir / "serve.log") as server:
-        say(f"  serving {', '.join(server.info['exports'])}; nbdkit pid {server.nbdkit_pid}, "
-            f"control {server.control}")  # fmt: skip
+    rundir = ds / "run"
+    say(f"$ vdisk serve -d {ds} --unix-dir {rundir}")
+    with VdiskServer(ds, rundir, log_path=workdir / "serve.log") as server:
+        say(f"  serving {', '.join(server.exports)}: one worker per disk ({DISK}: pid "
+            f"{server.worker_pid(DISK)}), control {server.control}")  # fmt: skip
         uri = server.uri(DISK)
         config = guest.config_text(
             "writer", seconds=0, progress=25, offset=image.data_offset, length=REGION

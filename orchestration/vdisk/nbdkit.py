@@ -26,7 +26,7 @@ import stat
 import struct
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -117,6 +117,12 @@ class NbdkitServer(process.ProcessOwner):
 
     ``exit_with_parent`` makes nbdkit die with the thread that started it, so
     a killed test run leaves no server behind; start from a long-lived thread.
+
+    ``listen`` hands nbdkit a socket its owner has bound and listens on
+    (socket activation, LISTEN_FDS): nbdkit serves it but never creates nor
+    removes it, so it outlives the process, and connections arriving while
+    no nbdkit runs wait in its queue. Then ``uri`` names it and ``ready``
+    says when nbdkit serves (an NBD connection to it succeeds at once).
     """
 
     def __init__(
@@ -131,6 +137,10 @@ class NbdkitServer(process.ProcessOwner):
         plugin: Sequence[str] | None = None,
         name: str = "nbdkit",
         exit_with_parent: bool = True,
+        listen: socket.socket | None = None,
+        uri: str | None = None,
+        ready: Callable[[], bool] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir).absolute()
         self.readonly = readonly
@@ -139,20 +149,30 @@ class NbdkitServer(process.ProcessOwner):
         self.log_path = self.workdir / f"{name}.log"
         super().__init__(self.log_path)
         self.socket: Path | None
-        listen: list[str]
-        if tcp_port is None:
+        self._listen = listen
+        self._ready = ready
+        self._env = env
+        listen_args: list[str]
+        if listen is not None:
+            if uri is None or ready is None:
+                raise ValueError("a listening socket goes with uri and ready")
+            self.socket = None
+            listen_args = []
+            self.uri = uri
+            self.address = f"fd {listen.fileno()}"
+        elif tcp_port is None:
             self.socket = self.workdir / f"{name}.sock"
-            listen = ["-U", str(self.socket)]
+            listen_args = ["-U", str(self.socket)]
             self.uri = f"nbd+unix:///?socket={quote(str(self.socket), safe='/')}"
             self.address = str(self.socket)
         else:
             self.socket = None
-            listen = ["-i", "127.0.0.1", "-p", str(tcp_port)]
+            listen_args = ["-i", "127.0.0.1", "-p", str(tcp_port)]
             self.uri = f"nbd://127.0.0.1:{tcp_port}/"
             self.address = f"127.0.0.1:{tcp_port}"
         if plugin is None:
             plugin = ["python", str(PLUGIN)]
-        self.cmd: list[str] = [binary(), "-f", *listen]
+        self.cmd: list[str] = [binary(), "-f", *listen_args]
         if readonly:
             self.cmd.append("-r")
         if exit_with_parent and "--exit-with-parent" not in extra_args:
@@ -160,6 +180,7 @@ class NbdkitServer(process.ProcessOwner):
         self.cmd += [*extra_args, *plugin, *plugin_args]
         self._killed = False
         self._socket_identity: tuple[int, int, int] | None = None
+        self._deadline = 0.0
 
     def __repr__(self) -> str:
         return f"<NbdkitServer {self.address} pid={self.pid} {shlex.join(self.cmd)!r}>"
@@ -171,6 +192,8 @@ class NbdkitServer(process.ProcessOwner):
         return ("127.0.0.1", self.tcp_port)
 
     def _prepare_address(self) -> None:
+        if self._listen is not None:
+            return
         if self.socket is None:
             if accepts_connections(self._probe_address()):
                 raise AddressInUse(self.address)
@@ -190,48 +213,69 @@ class NbdkitServer(process.ProcessOwner):
 
     def start(self) -> None:
         """Start nbdkit and wait until it accepts connections."""
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start nbdkit without waiting (then :meth:`wait_ready` or :meth:`poll_ready`)."""
         self._require_not_started()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._prepare_address()
         log.debug("Running %s", shlex.join(self.cmd))
+        cmd, fds = self.cmd, ()
+        env = None if self._env is None else {**os.environ, **self._env}
+        if self._listen is not None:
+            # socket activation: nbdkit checks LISTEN_PID against its own pid, which
+            # the shell knows before it execs nbdkit; the socket must be fd 3
+            fd = self._listen.fileno()
+            dup = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
+            cmd = ["bash", "-c", dup + 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"', "nbdkit",
+                   *[a for a in self.cmd if a != "-f"]]
+            fds = (fd,)
         with open(self.log_path, "wb") as logfile:
             try:
                 self._proc = subprocess.Popen(
-                    self.cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile
+                    cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                    pass_fds=fds, env=env
                 )
             except OSError as e:
                 log.warning("Cannot run %s: %s", self.cmd[0], e)
                 raise NbdkitError(self.cmd, None, f"cannot run {self.cmd[0]}: {e}") from e
-        try:
-            self._wait_until_serving()
-        except BaseException:
-            process.stop(self._proc, 10.0, log=log, name="nbdkit")
-            raise
-        if self.socket is not None:
-            self._socket_identity = _file_identity(self.socket)
-        log.debug("nbdkit pid %d serving on %s", self._proc.pid, self.address)
+        self._deadline = time.monotonic() + self.start_timeout
 
-    def _wait_until_serving(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self.start_timeout
+    def wait_ready(self) -> None:
+        """Wait until nbdkit serves, within start_timeout of its spawn; if it exits
+        or times out first, stop it and raise NbdkitError / NbdkitTimeout."""
         delay = 0.01
-        while True:
-            returncode = self._proc.poll()
+        while not self.poll_ready():
+            time.sleep(min(delay, max(0.0, self._deadline - time.monotonic())))
+            delay = min(delay * 2, 0.1)
+
+    def poll_ready(self) -> bool:
+        """Whether nbdkit serves now (without waiting); raises as wait_ready does."""
+        proc = self._require_proc()
+        try:
+            returncode = proc.poll()
             if returncode is not None:
                 stderr = self.stderr_text()
                 log.warning("nbdkit exited with code %d at start: %s", returncode, stderr)
                 raise NbdkitError(self.cmd, returncode, stderr)
-            if accepts_connections(self._probe_address()):
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if self._ready() if self._ready is not None else \
+                    accepts_connections(self._probe_address()):
+                if self.socket is not None:
+                    self._socket_identity = _file_identity(self.socket)
+                log.debug("nbdkit pid %d serving on %s", proc.pid, self.address)
+                return True
+            if time.monotonic() >= self._deadline:
                 stderr = self.stderr_text()
                 log.warning("nbdkit did not start serving on %s: %s", self.address, stderr)
                 raise NbdkitTimeout(
                     self.cmd, stderr, address=self.address, timeout=self.start_timeout
                 )
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 0.1)
+        except BaseException:
+            process.stop(proc, 10.0, log=log, name="nbdkit")
+            raise
+        return False
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """Stop nbdkit (SIGTERM, wait, SIGKILL) and remove its socket; return its exit code.

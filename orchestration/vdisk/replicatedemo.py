@@ -91,11 +91,11 @@ def replicate(disk: str, source: Path, target: Path) -> dict[str, Any]:
 
 def write_mark(ds: Path, workdir: Path, offset: int) -> None:
     """Write the clone's own data through ``vdisk serve`` (the content ID follows)."""
-    sock = ds / "nbd.sock"
-    say(f"$ vdisk serve -d {ds} --unix {sock}")
+    rundir = ds / "run"
+    say(f"$ vdisk serve -d {ds} --unix-dir {rundir}")
     import nbd  # Debian's python3-libnbd, in the system site-packages
 
-    with VdiskServer(ds, sock, log_path=workdir / "serve-clone.log") as server:
+    with VdiskServer(ds, rundir, log_path=workdir / "serve-clone.log") as server:
         h = nbd.NBD()
         h.connect_uri(server.uri(CLONE))
         try:
@@ -218,10 +218,10 @@ def run_replication(
                     f"{clone_result['copied']} copied, {clone_result['linked']} linked, "
                     f"{human_bytes(clone_result['bytes_moved'])}; all verified"))  # fmt: skip
 
-    sock = target / "nbd.sock"
-    say(f"\n$ vdisk serve -d {target} --unix {sock}")
-    with VdiskServer(target, sock, log_path=workdir / "serve-target.log") as server:
-        say(f"  serving {', '.join(server.info['exports'])}")
+    rundir = target / "run"
+    say(f"\n$ vdisk serve -d {target} --unix-dir {rundir}")
+    with VdiskServer(target, rundir, log_path=workdir / "serve-target.log") as server:
+        say(f"  serving {', '.join(server.exports)}, one worker per disk")
         seconds = boot_clone(server, workdir, image)
         summary.append(("replica boot", f"{CLONE} from {TARGET}: selftest PASS in {seconds:.1f} s"))
         say("\n--- checks")

@@ -16,7 +16,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -157,6 +157,11 @@ class Catalog:
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
+
+    def select(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows of a query, as dicts (for the tables other modules keep here)."""
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args)]
 
     # -- paths --------------------------------------------------------------------
 

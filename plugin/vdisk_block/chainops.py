@@ -28,11 +28,14 @@ def relative_backing(image_path: str, backing_path: str) -> str:
     return os.path.relpath(backing_path, os.path.dirname(os.path.abspath(image_path)))
 
 
-def snapshot(disk: Disk, new_path: str, persist: Persist | None = None) -> None:
+def snapshot(disk: Disk, new_path: str, persist: Persist | None = None,
+             persisted: Callable[[str], bool] | None = None) -> None:
     """Freeze the top and put a new empty qcow2 image on it.
 
     The frozen image keeps only a read lock, so nobody (QEMU included) may
-    write it while it is a backing file.
+    write it while it is a backing file. ``persisted`` says whether the record
+    ``persist`` makes is durable: an error (or an interrupt) that comes after
+    it must not remove the image the record names, which is the top now.
     """
     with disk.lock:
         top = disk._writable()
@@ -45,23 +48,31 @@ def snapshot(disk: Disk, new_path: str, persist: Persist | None = None) -> None:
         create_qcow2(new_path, disk.size, cluster_bits=old.cluster_bits,
                      backing=relative_backing(new_path, old.path), backing_format="qcow2",
                      parent_id=top.identity_for_child())
+        f: Qcow2File | None = None
+        new_top: TopImage | None = None
         try:
             f = Qcow2File(new_path, writable=True)
-            try:
-                new_top = TopImage(f)
-                if persist is not None:
-                    persist(new_path)
-            except BaseException:
-                f.close()
-                raise
+            new_top = TopImage(f)
+            if persist is not None:
+                persist(new_path)
         except BaseException:
+            if new_top is not None and persisted is not None and persisted(new_path):
+                _push_top(disk, f, new_top)         # recorded: it is the top, keep it
+                raise
+            if f is not None:
+                f.close()
             os.unlink(new_path)
             raise
-        locking.lock_for_read(old.fd, old.path)
-        old.file_size = os.fstat(old.fd).st_size      # it grew while it was the top
-        disk.drain_reads()
-        disk.map.freeze_backing()
-        disk.set_chain([f, *disk.layers], disk.map, new_top)
+        _push_top(disk, f, new_top)
+
+
+def _push_top(disk: Disk, f: Qcow2File, new_top: TopImage) -> None:
+    old = disk.layers[0]
+    locking.lock_for_read(old.fd, old.path)
+    old.file_size = os.fstat(old.fd).st_size      # it grew while it was the top
+    disk.drain_reads()
+    disk.map.freeze_backing()
+    disk.set_chain([f, *disk.layers], disk.map, new_top)
 
 
 def adopt(disk: Disk, other: Disk) -> list[Qcow2File | RawFile]:

@@ -1,9 +1,11 @@
 """The control socket: JSON lines in the style of QMP (docs/control.md).
 
-Runs in threads inside nbdkit (started from after_fork, so they live in the
-serving process). Every line gets exactly one reply; a malformed line, an
-unknown command or a failing one gets an error reply, and the connection and
-the server carry on.
+Serves any service that answers ``execute(command, arguments)``, says who it
+is with ``greeting()`` and keeps ``listeners`` for its events: a disk's
+service inside its nbdkit worker (threads started from after_fork, so they
+live in the serving process) or the supervisor of a served datastore. Every
+line gets exactly one reply; a malformed line, an unknown command or a
+failing one gets an error reply, and the connection and the server carry on.
 """
 
 from __future__ import annotations
@@ -15,17 +17,25 @@ import socket
 import stat
 import threading
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from . import __version__
+from .commands import CommandNotFound
 from .errors import ImageError
-from .service import CommandNotFound, DatastoreService
+
+
+class Service(Protocol):
+    listeners: list[Callable[[dict[str, Any]], None]]
+
+    def execute(self, command: str, arguments: dict[str, Any]) -> dict[str, Any]: ...
+
+    def greeting(self) -> dict[str, Any]: ...
 
 MAX_LINE = 1 << 20
 
 
 class ControlServer:
-    def __init__(self, path: str, service: DatastoreService) -> None:
+    def __init__(self, path: str, service: Service, mode: int = 0o600) -> None:
         self.path = path
         self.service = service
         self._clients: set[_Client] = set()
@@ -34,9 +44,9 @@ class ControlServer:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)            # stale socket of a server that died
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+        old = os.umask(0o777 & ~mode)
         try:
-            self.sock.bind(path)           # created 0600: only our user may drive the disks
+            self.sock.bind(path)           # 0600 by default: only our user may drive the disks
         finally:
             os.umask(old)
         self.sock.listen(16)
@@ -100,7 +110,7 @@ class _Client:
 
     def run(self) -> None:
         try:
-            self.send({"vdisk": {"version": __version__, "datastore": self.server.service.dir}})
+            self.send({"vdisk": self.server.service.greeting()})
             buf = b""
             while True:
                 chunk = self.conn.recv(65536)

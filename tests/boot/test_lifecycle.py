@@ -114,7 +114,7 @@ def test_writer_guest_through_backup_consolidate_and_pivot(
     config = guest.config_text(
         "writer", seconds=0, progress=PROGRESS, offset=guest_image.data_offset, length=64 * MiB
     )
-    with VdiskServer(datastore, datastore / "nbd.sock", log_path=tmp_path / "serve.log") as server:
+    with VdiskServer(datastore, datastore / "run", log_path=tmp_path / "serve.log") as server:
         uri = server.uri(DISK)
         with Machine(
             tmp_path, args=attach.qemu_drive_args(uri), fw_cfg={guest.FW_CFG_NAME: config}

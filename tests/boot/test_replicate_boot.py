@@ -45,7 +45,7 @@ def datastores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def write_through_export(datastore: Path, disk: str, offset: int, data: bytes, log: Path) -> None:
-    with VdiskServer(datastore, datastore / "nbd.sock", log_path=log) as server:
+    with VdiskServer(datastore, datastore / "run", log_path=log) as server:
         h = nbd.NBD()
         h.connect_uri(server.uri(disk))
         try:
@@ -116,7 +116,7 @@ def test_guest_boots_from_replicated_linked_clone(
 
     config = guest.config_text("selftest", pattern=f"0x{pattern:02x}", offset=selftest_offset,
                                length=length)  # fmt: skip
-    with VdiskServer(target, target / "nbd.sock", log_path=tmp_path / "serve.log") as server:
+    with VdiskServer(target, target / "run", log_path=tmp_path / "serve.log") as server:
         assert sorted(server.info["exports"]) == [DISK, CLONE]
         with Machine(
             tmp_path, args=attach.qemu_drive_args(server.uri(CLONE)),

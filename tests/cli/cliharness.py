@@ -2,10 +2,10 @@
 
 ``vdisk`` runs as ``python -m vdisk.cli`` with the test interpreter, so the
 suite does not depend on the console script being installed.
-:func:`start_serve` starts ``vdisk serve --json`` in the foreground on a Unix
-socket in the datastore directory (kept short by the fixtures) and returns
-once it printed its line, within a deadline; :meth:`Served.stop` stops it by
-its pid (SIGTERM, bounded wait, SIGKILL).
+:func:`start_serve` starts ``vdisk serve --json`` in the foreground, one Unix
+socket per disk in the datastore's ``run/`` directory (paths kept short by the
+fixtures), and returns once it printed its line, within a deadline;
+:meth:`Served.stop` stops it by its pid (SIGTERM, bounded wait, SIGKILL).
 """
 
 from __future__ import annotations
@@ -95,20 +95,30 @@ class Datastore:
 class Served:
     proc: subprocess.Popen[str]
     info: dict[str, Any]
-    socket: Path
+    rundir: Path
 
     @property
     def pid(self) -> int:
+        """The supervisor's pid."""
         return self.proc.pid
 
-    @property
-    def nbdkit_pid(self) -> int:
-        return int(self.info["pid"])
+    def worker(self, disk: str) -> dict[str, Any]:
+        """The disk's worker as ``vdisk serve status`` shows it now."""
+        status = run_vdisk("serve", "status", "-d", self.info["datastore"], "--json").json()
+        return next(w for w in status["workers"] if w["disk"] == disk)
+
+    def worker_pid(self, disk: str) -> int:
+        pid = self.worker(disk)["pid"]
+        assert pid, f"disk {disk} has no running worker"
+        return int(pid)
+
+    def socket(self, disk: str) -> Path:
+        return self.rundir / f"{disk}.sock"
 
     def uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.socket}"
+        return f"nbd+unix:///{export}?socket={self.socket(export)}"
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -119,14 +129,14 @@ class Served:
         return self.proc.returncode
 
 
-def start_serve(ds: Datastore, *extra: str, timeout: float = 30.0) -> Served:
-    """``vdisk serve --json`` in the foreground; returns once it printed its line."""
-    sock = ds.path / "nbd.sock"
+def start_serve(ds: Datastore, *extra: str, timeout: float = 60.0) -> Served:
+    """``vdisk serve --json`` in the foreground (one Unix socket per disk in
+    DIR/run); returns once it printed its line."""
     log = ds.path / "serve.stderr"
-    with open(log, "w") as stderr:       # a file: a pipe nobody reads would block nbdkit
-        proc = subprocess.Popen([*CLI, "serve", "-d", str(ds.path), "--unix", str(sock),
-                                 "--json", *extra], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+    with open(log, "w") as stderr:       # a file: a pipe nobody reads would block
+        proc = subprocess.Popen([*CLI, "serve", "-d", str(ds.path), "--json", *extra],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=stderr, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     line = ""
@@ -140,7 +150,8 @@ def start_serve(ds: Datastore, *extra: str, timeout: float = 30.0) -> Served:
         ready, _, _ = select.select([proc.stdout], [], [], remaining)
         if ready:
             line = proc.stdout.readline()
-    return Served(proc, json.loads(line), sock)
+    info = json.loads(line)
+    return Served(proc, info, Path(info["rundir"]))
 
 
 def alive(pid: int) -> bool:

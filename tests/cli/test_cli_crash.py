@@ -1,22 +1,25 @@
-"""``vdisk job`` after nbdkit was killed with SIGKILL while a job was ready.
+"""``vdisk job`` after a disk's worker was killed with SIGKILL while a job was ready.
 
-Serving the datastore again finds the job ``interrupted``; ``vdisk job
-resume`` finishes it, ``vdisk job cancel`` rolls it back, and either way the
-disk serves what the clients wrote and no orphan image remains.
+The supervisor restarts the worker on the same endpoint; the new worker
+finds the job ``interrupted``; ``vdisk job resume`` finishes it, ``vdisk job
+cancel`` rolls it back (also offline, after the server stopped), and either
+way the disk serves what the clients wrote and no orphan image remains.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
-from cliharness import Datastore, MiB, Serve, connect, wait_gone
+from cliharness import Datastore, MiB, Serve, Served, connect, wait_gone
 
 from vdisk import qemu_img
 
 
-def ready_job_then_kill(datastore: Datastore, serve: Serve, *extra: str) -> dict:
+def ready_job_then_kill(datastore: Datastore, serve: Serve,
+                        *extra: str) -> tuple[dict, Served]:
     datastore.create("vm1", "16M")
     served = serve(datastore)
     with connect(served.uri("vm1")) as h:
@@ -27,11 +30,15 @@ def ready_job_then_kill(datastore: Datastore, serve: Serve, *extra: str) -> dict
         h.flush()
     job = datastore.json("consolidate", "vm1", "--no-pivot", *extra)
     assert job["state"] == "ready"
-    os.kill(served.nbdkit_pid, signal.SIGKILL)
-    wait_gone(served.nbdkit_pid)
-    served.proc.wait(30)         # vdisk serve exits with nbdkit's status
-    assert served.proc.returncode == 128 + signal.SIGKILL
-    return job
+    worker = served.worker_pid("vm1")
+    os.kill(worker, signal.SIGKILL)
+    wait_gone(worker)
+    deadline = time.monotonic() + 10                # restarted on the same endpoint
+    while (w := served.worker("vm1"))["state"] != "running" or w["pid"] == worker:
+        assert time.monotonic() < deadline, w
+        time.sleep(0.05)
+    assert w["restarts"] == 1 and served.proc.poll() is None
+    return job, served
 
 
 def expected() -> bytes:
@@ -40,9 +47,8 @@ def expected() -> bytes:
 
 @pytest.mark.crash
 def test_resume_after_kill(datastore: Datastore, serve: Serve) -> None:
-    job = ready_job_then_kill(datastore, serve)
+    job, served = ready_job_then_kill(datastore, serve)
     chain = datastore.disk("vm1")["chain"]
-    served = serve(datastore)                     # the stale sockets are replaced
     shown = datastore.json("job", "show", str(job["id"]))
     assert shown["state"] == "interrupted" and shown["error"]
     with connect(served.uri("vm1")) as h:
@@ -60,7 +66,8 @@ def test_resume_after_kill(datastore: Datastore, serve: Serve) -> None:
 @pytest.mark.crash
 def test_cancel_after_kill_rolls_back(datastore: Datastore, serve: Serve) -> None:
     new = datastore.path / "images" / "target.qcow2"
-    job = ready_job_then_kill(datastore, serve, "--to", str(new))
+    job, served = ready_job_then_kill(datastore, serve, "--to", str(new))
+    served.stop()
     chain = datastore.disk("vm1")["chain"]
     assert new.exists()
     # offline this time: the command runs the recovery itself

@@ -1,7 +1,8 @@
-"""The ``vdisk`` commands on a served datastore: ``vdisk serve`` and the control socket.
+"""The ``vdisk`` commands on a served datastore: ``vdisk serve`` and the control sockets.
 
-Each test starts ``vdisk serve`` on a Unix socket in its datastore and writes
-and reads the disks through libnbd while the commands run against the server.
+Each test starts ``vdisk serve`` (one worker and Unix socket per disk in the
+datastore's run/) and writes and reads the disks through libnbd while the
+commands run against the server.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from cliharness import (
 )
 
 from vdisk import errors, qemu_img
-from vdisk.control import ControlClient, ControlError, open_service
+from vdisk.control import ControlClient, ControlError
+from vdisk.routing import open_service
 
 
 def raw_copy(uri: str, dest: Path) -> Path:
@@ -47,15 +49,25 @@ def test_serve_lists_every_disk_and_snapshots(datastore: Datastore, serve: Serve
     base = datastore.create("vm1", "16M")
     datastore.create("vm2", "8M")
     served = serve(datastore)
-    assert served.info["exports"] == ["vm1", "vm2"]
-    assert served.info["control"] == str(datastore.path / "control.sock")
+    assert [(d["disk"], d["state"]) for d in served.info["disks"]] == \
+        [("vm1", "running"), ("vm2", "running")]
+    assert served.info["control"] == str(datastore.path / "run" / "vdisk.ctl")
     assert os.stat(served.info["control"]).st_mode & 0o777 == 0o600
-    listing = subprocess.run(["nbdinfo", "--list", "--json", served.uri("")],
-                             capture_output=True, text=True, timeout=30, check=True)
-    exports = json.loads(listing.stdout)["exports"]
-    assert sorted((e["export-name"], e["export-size"]) for e in exports) == \
-        [("vm1", 16 * MiB), ("vm2", 8 * MiB)]
-    assert datastore.json("disk", "list")["served"] is True
+    pids = set()
+    for name, size in (("vm1", 16 * MiB), ("vm2", 8 * MiB)):    # one worker, one endpoint
+        worker = served.worker(name)
+        assert worker["uri"] == served.uri(name) and worker["socket"] == str(served.socket(name))
+        assert os.stat(served.socket(name)).st_mode & 0o777 == 0o600
+        listing = subprocess.run(["nbdinfo", "--list", "--json", served.uri(name)],
+                                 capture_output=True, text=True, timeout=30, check=True)
+        exports = json.loads(listing.stdout)["exports"]
+        assert [(e["export-name"], e["export-size"]) for e in exports] == [(name, size)]
+        pids.add(worker["pid"])
+    assert len(pids) == 2 and served.pid not in pids
+    listed = datastore.json("disk", "list")
+    assert listed["served"] is True
+    assert [d["uri"] for d in listed["disks"]] == [served.uri("vm1"), served.uri("vm2")]
+    assert datastore.json("disk", "uri", "vm2")["uri"] == served.uri("vm2")
 
     with connect(served.uri("vm1")) as h:
         h.pwrite(b"\x01" * MiB, 0)
@@ -192,30 +204,31 @@ def test_remove_is_refused_while_served_and_open(datastore: Datastore, serve: Se
     served = serve(datastore)
     with connect(served.uri("vm1")):
         result = datastore.vdisk("disk", "remove", "vm1", check=False)
-        assert result.returncode == 1 and "is open" in result.error_line()
+        assert result.returncode == 1 and "1 client(s) attached" in result.error_line()
         result = datastore.vdisk("disk", "remove", "vm1", "--keep-images", check=False)
-        assert result.returncode == 1 and "is open" in result.error_line()
+        assert result.returncode == 1 and "1 client(s) attached" in result.error_line()
     assert [d["name"] for d in datastore.json("disk", "list")["disks"]] == ["vm1"]
+    assert served.worker("vm1")["state"] == "running"
 
 
 def test_serve_refusals(datastore: Datastore, serve: Serve, tmp_path: Path) -> None:
     datastore.create("vm1")
     serve(datastore)
-    result = run_vdisk("serve", "-d", datastore.path, "--unix", tmp_path / "other.sock",
+    result = run_vdisk("serve", "-d", datastore.path, "--unix-dir", tmp_path / "other",
                        check=False)
     assert result.returncode == 1 and "already served" in result.error_line()
     not_ds = tmp_path / "empty"
     not_ds.mkdir()
-    result = run_vdisk("serve", "-d", not_ds, "--unix", tmp_path / "x.sock", check=False)
+    result = run_vdisk("serve", "-d", not_ds, check=False)
     assert result.returncode == 1 and "not a vdisk datastore" in result.error_line()
 
 
 def test_control_option_and_a_dead_control_socket(datastore: Datastore, serve: Serve,
                                                   tmp_path: Path) -> None:
     datastore.create("vm1")
-    control = datastore.path / "ctl.sock"
-    served = serve(datastore, "--control", str(control))
-    assert served.info["control"] == str(control)
+    served = serve(datastore, "--unix-dir", str(datastore.path / "r2"))
+    control = datastore.path / "r2" / "vdisk.ctl"
+    assert served.info["control"] == str(control) and served.socket("vm1").parent == control.parent
     out = datastore.json("disk", "list", "--control", str(control))
     assert out["served"] is True
     result = datastore.vdisk("disk", "list", "--control", str(tmp_path / "nope.sock"),
@@ -226,25 +239,28 @@ def test_control_option_and_a_dead_control_socket(datastore: Datastore, serve: S
 def test_foreground_serve_stops_cleanly_on_sigterm(datastore: Datastore, serve: Serve) -> None:
     datastore.create("vm1")
     # a socket file left behind by a server that died is removed first
+    (datastore.path / "run").mkdir()
     stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(datastore.path / "nbd.sock"))
+    stale.bind(str(datastore.path / "run" / "vm1.sock"))
     stale.close()
     pidfile = datastore.path / "serve.pid"
     served = serve(datastore, "--pidfile", str(pidfile))
-    assert int(pidfile.read_text()) == served.nbdkit_pid
+    assert int(pidfile.read_text()) == served.pid
+    worker = served.worker_pid("vm1")
     os.kill(served.pid, signal.SIGTERM)
     assert served.proc.wait(30) == 0
-    wait_gone(served.nbdkit_pid)
-    assert not served.socket.exists() and not pidfile.exists()
-    assert not (datastore.path / "control.sock").exists()
+    wait_gone(worker)
+    assert not served.socket("vm1").exists() and not pidfile.exists()
+    assert not (datastore.path / "run" / "vdisk.ctl").exists()
     assert datastore.json("disk", "list")["served"] is False
 
 
 def test_detached_serve_with_pidfile(datastore: Datastore) -> None:
     datastore.create("vm1", "4M")
-    sock, pidfile = datastore.path / "d.sock", datastore.path / "d.pid"
-    out = run_vdisk("serve", "-d", datastore.path, "--unix", sock, "--detach", "--pidfile",
-                    pidfile, "--json").json()
+    rundir, pidfile = datastore.path / "d", datastore.path / "d.pid"
+    sock = rundir / "vm1.sock"
+    out = run_vdisk("serve", "-d", datastore.path, "--unix-dir", rundir, "--detach",
+                    "--pidfile", pidfile, "--json").json()
     pid = int(pidfile.read_text())
     try:
         assert out["pid"] == pid and out["detached"] is True
@@ -255,13 +271,16 @@ def test_detached_serve_with_pidfile(datastore: Datastore) -> None:
     finally:
         os.kill(pid, signal.SIGTERM)
     wait_gone(pid)
-    # the pid file names nbdkit; its supervisor removes the file after nbdkit is gone
-    deadline = time.monotonic() + 15.0
-    while pidfile.exists():
-        assert time.monotonic() < deadline, f"{pidfile} still there 15 s after nbdkit exited"
-        time.sleep(0.05)
-    result = run_vdisk("serve", "-d", datastore.path, "--unix", sock, "--detach", check=False)
-    assert result.returncode == 1 and "--detach needs --pidfile" in result.error_line()
+    assert not pidfile.exists() and not sock.exists()
+    # without --pidfile, the pid file is RUNDIR/serve.pid
+    out = run_vdisk("serve", "-d", datastore.path, "--detach", "--json").json()
+    default = datastore.path / "run" / "serve.pid"
+    try:
+        assert int(default.read_text()) == out["pid"]
+    finally:
+        os.kill(out["pid"], signal.SIGTERM)
+    wait_gone(out["pid"])
+    assert not default.exists()
 
 
 def test_tcp_with_tls_psk(datastore: Datastore, tmp_path: Path) -> None:
@@ -272,13 +291,14 @@ def test_tcp_with_tls_psk(datastore: Datastore, tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([*CLI, "serve", "-d", str(datastore.path), "--port", str(port),
-                             "--tls-psk", str(keys), "--json"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([*CLI, "serve", "-d", str(datastore.path), "--ports",
+                             f"{port}-{port}", "--tls-psk", str(keys), "--json"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())      # printed once it serves
-        assert info["uri"] == f"nbds://127.0.0.1:{port}/" and info["tls"] is True
+        assert info["disks"][0]["uri"] == f"nbds://127.0.0.1:{port}/vm1" and info["tls"] is True
         h = nbd.NBD()
         with pytest.raises(nbd.Error, match="TLS"):
             h.connect_uri(f"nbd://127.0.0.1:{port}/vm1")
@@ -298,13 +318,24 @@ def test_tcp_with_tls_psk(datastore: Datastore, tmp_path: Path) -> None:
 def test_control_client_against_the_server(datastore: Datastore, serve: Serve) -> None:
     datastore.create("vm1", "4M")
     served = serve(datastore)
-    with ControlClient.connect(served.info["control"]) as client:
-        assert client.datastore == str(datastore.path)
+    with ControlClient.connect(served.info["control"]) as supervisor:
+        assert supervisor.datastore == str(datastore.path)
+        with pytest.raises(ControlError, match="disk 'vm9' does not exist"):
+            supervisor.execute("query-disks", {"disk": "vm9"})
+        with pytest.raises(ControlError) as e:
+            supervisor.execute("snapshot", {"disk": "vm1"})    # a disk's command
+        assert e.value.error_class == "CommandNotFound"
+    with ControlClient.connect(served.worker("vm1")["control"]) as client:
+        assert client.datastore == str(datastore.path) and client.greeting["disk"] == "vm1"
         with pytest.raises(ControlError) as e:
             client.execute("bogus")
         assert e.value.error_class == "CommandNotFound" and "bogus" in str(e.value)
-        with pytest.raises(ControlError, match="disk 'vm9' does not exist"):
+        with pytest.raises(ControlError, match="runs disk 'vm1', not 'vm9'"):
             client.execute("snapshot", {"disk": "vm9"})
+        with pytest.raises(ControlError, match="argument 'pivot' must be true or false"):
+            client.execute("consolidate", {"disk": "vm1", "pivot": "no"})
+        with pytest.raises(ControlError, match="missing argument 'disk'"):
+            client.execute("snapshot", {})
         client.execute("snapshot", {"disk": "vm1"})
         job = client.execute("consolidate", {"disk": "vm1", "pivot": False})["job"]
         deadline = time.monotonic() + 30
@@ -316,15 +347,9 @@ def test_control_client_against_the_server(datastore: Datastore, serve: Serve) -
         states = [ev["data"]["state"] for ev in client.events
                   if ev["event"] == "JOB_STATUS_CHANGE"]
         assert "ready" in states
-    service = open_service(datastore.path)
-    try:
-        assert isinstance(service, ControlClient)
-    finally:
-        service.close()
+    with open_service(datastore.path) as service:
+        assert service.served
     served.stop()
-    service = open_service(datastore.path)
-    try:
-        assert not isinstance(service, ControlClient)
+    with open_service(datastore.path) as service:
+        assert not service.served
         assert service.execute("query-disks", {})["disks"][0]["name"] == "vm1"
-    finally:
-        service.close()

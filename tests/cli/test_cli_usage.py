@@ -31,8 +31,9 @@ from vdisk.progress import ProgressBar, human_bytes, human_duration
     (["disk", "create", "vm1", "--size", "0", "-d", "/nonexistent"], "must be positive"),
     (["job", "show", "x", "-d", "/nonexistent"], "invalid job id 'x'"),
     (["consolidate", "vm1", "--into", "a", "--to", "b", "-d", "/x"], "not allowed with"),
-    (["serve", "-d", "/x"], "one of the arguments --unix --port is required"),
-    (["serve", "-d", "/x", "--port", "99999"], "invalid port"),
+    (["serve", "-d", "/x", "--unix-dir", "r", "--ports", "1-2"], "not allowed with"),
+    (["serve", "-d", "/x", "--ports", "99999"], "invalid port range"),
+    (["serve", "frob", "-d", "/x"], "invalid choice: 'frob'"),
     (["backup", "vm1", "-d", "/x"], "required: --to"),
 ])
 def test_usage_errors_exit_2_with_one_line(args: list[str], reason: str) -> None:

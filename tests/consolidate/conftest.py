@@ -8,8 +8,9 @@ qemu-io, each with data of its own::
 (32 MiB; ``big_a`` is the same shape at 96 MiB with a 64 MiB copy set, for
 tests that must catch a job while it copies).
 
-``serve_ds(ds)`` starts nbdkit on that datastore with a control socket and
-stops (or has already killed) every server it started when the test ends.
+``serve_ds(ds, disks=("a",))`` starts one nbdkit worker per disk of that
+datastore, each with its control socket, and stops (or has already killed)
+every server it started when the test ends.
 """
 
 from __future__ import annotations
@@ -59,16 +60,18 @@ def big_a(ds: Datastore, tmp_path: Path) -> LayeredDisk:
 @pytest.fixture
 def serve_ds(tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[Callable[..., ServedDatastore]]:
-    """Factory: serve_ds(ds, name="nbdkit", fsize=None) -> a started ServedDatastore.
+    """Factory: serve_ds(ds, name="nbdkit", fsize=None, disks=("a",)) -> a started
+    ServedDatastore.
 
     Sockets live in a short temporary directory (the kernel limits their paths).
     """
     started: list[ServedDatastore] = []
     workdir = tmp_path_factory.mktemp("s")
 
-    def _serve(ds: Datastore, name: str = "nbdkit", fsize: int | None = None
-               ) -> ServedDatastore:
-        served = ServedDatastore(ds, workdir, name=f"{name}{len(started)}", fsize=fsize)
+    def _serve(ds: Datastore, name: str = "nbdkit", fsize: int | None = None,
+               disks: tuple[str, ...] = ("a",)) -> ServedDatastore:
+        served = ServedDatastore(ds, workdir, name=f"{name}{len(started)}", fsize=fsize,
+                                 disks=disks)
         started.append(served)
         return served.start()
 

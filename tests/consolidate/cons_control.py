@@ -142,6 +142,5 @@ class ControlClient:
             self.pump(min(left, 0.2))
 
     def disk(self, name: str) -> dict[str, Any]:
-        disks = self.execute("query-disks", disk=name)["disks"]
-        assert len(disks) == 1, disks
-        return disks[0]
+        """The disk this worker serves (its name must be ``name``)."""
+        return self.execute("query-disk", disk=name)

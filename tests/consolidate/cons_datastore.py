@@ -104,48 +104,71 @@ class LayeredDisk:
 
 
 class ServedDatastore:
-    """nbdkit serving a datastore, with its control socket; owned by a test.
+    """Disks of a datastore, each served by its own nbdkit worker with its control
+    socket (what `vdisk serve` runs per disk); owned by a test::
 
+        nbdkit -U S/NAME-a.sock python plugin/vdisk_nbdkit.py datastore=DS disk=a \
+            control=S/NAME-a-control.sock
+
+    ``socket``, ``control``, ``server`` and ``client()`` are the first disk's.
     ``fsize`` starts nbdkit under ``prlimit --fsize`` (RLIMIT_FSIZE): no file
     it writes can grow beyond that many bytes, as on a full filesystem.
     """
 
     def __init__(self, ds: Datastore, workdir: Path, name: str = "nbdkit",
-                 fsize: int | None = None) -> None:
+                 fsize: int | None = None, disks: Sequence[str] = ("a",)) -> None:
         self.ds = ds
-        self.control = workdir / f"{name}-control.sock"
+        self.disks = list(disks)
+        self.controls = {d: workdir / f"{name}-{d}-control.sock" for d in disks}
         # a generous start deadline: this 2-core machine is often busy with QEMU guests
-        self.server = NbdkitServer([f"datastore={ds.dir}", f"control={self.control}"],
-                                   workdir, name=name, start_timeout=60)
+        self.servers = {d: NbdkitServer([f"datastore={ds.dir}", f"disk={d}",
+                                         f"control={self.controls[d]}"],
+                                        workdir, name=f"{name}-{d}", start_timeout=60)
+                        for d in disks}
         if fsize is not None:
-            self.server.cmd = ["prlimit", f"--fsize={fsize}", *self.server.cmd]
+            for server in self.servers.values():
+                server.cmd = ["prlimit", f"--fsize={fsize}", *server.cmd]
         self.clients: list[ControlClient] = []
 
+    @property
+    def server(self) -> NbdkitServer:
+        return self.servers[self.disks[0]]
+
+    @property
+    def control(self) -> Path:
+        return self.controls[self.disks[0]]
+
     def start(self, deadline: float = 30.0) -> ServedDatastore:
-        """Start nbdkit; return once both the NBD and the control socket accept."""
-        self.server.start()
-        end = time.monotonic() + deadline
-        while True:
-            try:
-                ControlClient(self.control).close()
-                return self
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > end or self.server.returncode is not None:
-                    raise AssertionError(f"no control socket {self.control} after "
-                                         f"{deadline} s: {self.log()}") from None
-                time.sleep(0.02)
+        """Start the workers; return once the NBD and the control sockets accept."""
+        for disk, server in self.servers.items():
+            server.start()
+            end = time.monotonic() + deadline
+            while True:
+                try:
+                    ControlClient(self.controls[disk]).close()
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > end or server.returncode is not None:
+                        raise AssertionError(f"no control socket {self.controls[disk]} "
+                                             f"after {deadline} s: {self.log()}") from None
+                    time.sleep(0.02)
+        return self
 
     @property
     def socket(self) -> Path:
-        assert self.server.socket is not None
-        return self.server.socket
+        return self.socket_of(self.disks[0])
+
+    def socket_of(self, disk: str) -> Path:
+        socket = self.servers[disk].socket
+        assert socket is not None
+        return socket
 
     @property
     def pid(self) -> int | None:
         return self.server.pid
 
-    def client(self) -> ControlClient:
-        c = ControlClient(self.control)
+    def client(self, disk: str | None = None) -> ControlClient:
+        c = ControlClient(self.controls[disk or self.disks[0]])
         self.clients.append(c)
         return c
 
@@ -156,14 +179,16 @@ class ServedDatastore:
 
     def stop(self) -> int | None:
         self.close_clients()
-        return self.server.stop()
+        codes = [server.stop() for server in self.servers.values()]
+        return codes[0]
 
     def kill(self) -> None:
         self.close_clients()
-        self.server.kill()
+        for server in self.servers.values():
+            server.kill()
 
     def log(self) -> str:
-        return self.server.stderr_text()
+        return "\n".join(server.stderr_text() for server in self.servers.values())
 
 
 def read_export(socket: Path, export: str, size: int) -> bytes:

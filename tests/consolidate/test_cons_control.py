@@ -19,20 +19,20 @@ from cons_datastore import LayeredDisk, ServedDatastore, read_export
 
 BAD_LINES: list[tuple[bytes, str]] = [
     (b"{not json", "ParseError"),
-    (b'{"execute": "query-disks"', "ParseError"),
+    (b'{"execute": "query-disk"', "ParseError"),
     (b"\xff\xfe\x00garbage", "ParseError"),
     (b"[1, 2, 3]", "ParseError"),
-    (b'"query-disks"', "ParseError"),
+    (b'"query-disk"', "ParseError"),
     (b"42", "ParseError"),
     (b"null", "ParseError"),
     (b"{}", "ParseError"),
     (b'{"arguments": {}}', "ParseError"),
     (b'{"execute": 5}', "ParseError"),
-    (b'{"execute": ["query-disks"]}', "ParseError"),
+    (b'{"execute": ["query-disk"]}', "ParseError"),
     (b'{"execute": "no-such-command"}', "CommandNotFound"),
     (b'{"execute": "__init__"}', "CommandNotFound"),
-    (b'{"execute": "query-disks", "arguments": [1]}', "GenericError"),
-    (b'{"execute": "query-disks", "arguments": "a"}', "GenericError"),
+    (b'{"execute": "query-disk", "arguments": [1]}', "GenericError"),
+    (b'{"execute": "query-disk", "arguments": "a"}', "GenericError"),
 ]
 
 # (command, arguments): missing, extra and wrongly typed arguments
@@ -52,9 +52,9 @@ BAD_ARGUMENTS: list[tuple[str, dict[str, object]]] = [
     ("consolidate", {"disk": "a", "to": "images/a-1.qcow2"}),
     ("consolidate", {"disk": "a", "into": "images/a-2.qcow2"}),
     ("consolidate", {"disk": "a", "into": "images/nonexistent.qcow2"}),
-    ("query-disks", {"disk": 7}),
-    ("query-disks", {"disk": "nosuchdisk"}),
-    ("query-disks", {"bogus": 1}),
+    ("query-disk", {"disk": 7}),
+    ("query-disk", {"disk": "nosuchdisk"}),
+    ("query-disk", {"bogus": 1}),
     ("query-jobs", {"id": "x"}),
     ("query-jobs", {"id": 1.5}),
     ("query-jobs", {"disk": ["a"]}),
@@ -65,10 +65,7 @@ BAD_ARGUMENTS: list[tuple[str, dict[str, object]]] = [
     ("job-cancel", {"id": True}),
     ("job-resume", {"id": 999}),
     ("job-resume", {"id": {}}),
-    ("disk-remove", {}),
-    ("disk-remove", {"disk": "a"}),            # open: refused
-    ("disk-remove", {"disk": "nosuchdisk"}),
-    ("disk-remove", {"disk": 1}),
+    ("flush", {"disk": "b"}),                  # another disk: not this worker's
 ]
 
 
@@ -85,7 +82,7 @@ def test_socket_mode_and_greeting(disk_a: LayeredDisk,
     ctl = served.client()
     assert ctl.greeting["vdisk"]["datastore"] == str(disk_a.ds.dir), ctl.greeting
     assert "version" in ctl.greeting["vdisk"]
-    rep = ctl.call("query-disks", {}, id=7)
+    rep = ctl.call("query-disk", {}, id=7)
     assert rep.get("id") == 7 and "return" in rep, rep
     rep = ctl.call("no-such-command", id="x")
     assert rep.get("id") == "x" and rep["error"]["class"] == "CommandNotFound", rep
@@ -101,7 +98,7 @@ def test_malformed_lines(disk_a: LayeredDisk,
         if rep.get("error", {}).get("class") != cls:        # type: ignore[union-attr]
             wrong.append(f"{line!r}: expected {cls}, got {rep}")
     # several requests in one write, and blank lines, each answered in order
-    replies = [ctl.send_raw(b'{"execute": "query-disks", "id": 1}\n\n   \n'
+    replies = [ctl.send_raw(b'{"execute": "query-disk", "id": 1}\n\n   \n'
                             b'{"execute": "nope", "id": 2}\n')]
     replies.append(ctl.reply())
     assert [r.get("id") for r in replies] == [1, 2], replies
@@ -141,7 +138,7 @@ def test_long_line_and_abrupt_clients(disk_a: LayeredDisk,
     rep = ctl.reply(deadline=10)
     assert rep.get("error", {}).get("class") == "ParseError", rep
     # clients that go away mid-line, mid-command, or without reading
-    for payload in (b"", b'{"execute": "query-di', b'{"execute": "query-disks"}\n' * 50):
+    for payload in (b"", b'{"execute": "query-di', b'{"execute": "query-disk"}\n' * 50):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(5)
         s.connect(str(served.control))

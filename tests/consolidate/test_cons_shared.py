@@ -44,7 +44,7 @@ def disk_b(disk_a: LayeredDisk, tmp_path: Path) -> LayeredDisk:
 def test_refuses_into_an_image_another_disk_uses(
         disk_a: LayeredDisk, disk_b: LayeredDisk,
         serve_ds: Callable[..., ServedDatastore]) -> None:
-    served = serve_ds(disk_a.ds)
+    served = serve_ds(disk_a.ds, disks=("a", "b"))
     ctl = served.client()
     before = ctl.disk("a")["chain"]
     for args in ({}, {"into": "images/a-1.qcow2"}, {"into": "images/a-1.qcow2", "pivot": False}):
@@ -59,26 +59,26 @@ def test_refuses_into_an_image_another_disk_uses(
     jobs = ctl.execute("query-jobs", disk="a")["jobs"]
     assert all(j["state"] in FINAL for j in jobs), f"a refused job is left active: {jobs}"
     assert read_export(served.socket, "a", len(disk_a.initial)) == disk_a.initial
-    assert read_export(served.socket, "b", len(disk_b.initial)) == disk_b.initial
+    assert read_export(served.socket_of("b"), "b", len(disk_b.initial)) == disk_b.initial
 
 
 def test_to_a_new_image_keeps_the_shared_one(
         disk_a: LayeredDisk, disk_b: LayeredDisk, serve_ds: Callable[..., ServedDatastore],
         tmp_path: Path) -> None:
     ds = disk_a.ds
-    served = serve_ds(ds)
+    served = serve_ds(ds, disks=("a", "b"))
     ctl = served.client()
     # b is open (served) while a is consolidated
-    assert read_export(served.socket, "b", len(disk_b.initial)) == disk_b.initial
+    assert read_export(served.socket_of("b"), "b", len(disk_b.initial)) == disk_b.initial
     job = ctl.execute("consolidate", disk="a", to="images/a-new.qcow2")["job"]
     job = ctl.wait_job(job["id"], ("done",))
     assert job["state"] == "done", job
     assert "images/a-1.qcow2" not in job["dropped"], f"a-1 is b's backing file: {job}"
     assert ctl.disk("a")["chain"] == ["images/a-new.qcow2", "images/a-0.qcow2"]
-    assert ctl.disk("b")["chain"] == ["images/b-0.qcow2", "images/a-1.qcow2",
+    assert served.client("b").disk("b")["chain"] == ["images/b-0.qcow2", "images/a-1.qcow2",
                                       "images/a-0.qcow2"]
     assert read_export(served.socket, "a", len(disk_a.initial)) == disk_a.initial
-    assert read_export(served.socket, "b", len(disk_b.initial)) == disk_b.initial
+    assert read_export(served.socket_of("b"), "b", len(disk_b.initial)) == disk_b.initial
     assert served.stop() in (0, -15), served.log()
 
     assert (ds.images / "a-1.qcow2").exists()

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import select
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,14 +26,13 @@ from nbdharness import MiB, first_difference, pattern, read_all
 from qchain import vdisk_write
 
 from vdisk import qemu_img, qemu_io
-from vdisk.control import ControlClient, ControlUnavailable
 from vdisk.errors import NbdkitError
-from vdisk.nbdkit import NbdkitServer
+from vdisk.routing import open_service
 from vdisk_block import ImageError, open_chain
 from vdisk_block import identity as ident
 from vdisk_block.catalog import Catalog
 from vdisk_block.create import create_qcow2
-from vdisk_block.service import DatastoreService
+from vdisk_block.diskservice import DiskService
 
 SIZE = 8 * MiB
 MODIFIED = "modified since the child was created"
@@ -116,44 +119,57 @@ class Datastore:
     @contextlib.contextmanager
     def serve(self, workdir: Path) -> Iterator[ServedDatastore]:
         served = ServedDatastore(self, workdir)
-        with served.server:
-            try:
-                yield served
-            finally:
-                if served.client is not None:
-                    served.client.close()
+        try:
+            yield served
+        finally:
+            served.stop()
 
 
 class ServedDatastore:
+    """``vdisk serve`` on the datastore (one worker per disk, their sockets in
+    workdir); commands go where ``vdisk`` sends them (vdisk.routing)."""
+
     def __init__(self, ds: Datastore, workdir: Path) -> None:
         self.ds = ds
-        self.control = workdir / "control.sock"
-        self.server = NbdkitServer([f"datastore={ds.dir}", f"control={self.control}"],
-                                   workdir, name="ds", start_timeout=DEADLINE)
-        self.client: ControlClient | None = None
+        self.rundir = workdir
+        self.log = workdir / "serve.stderr"
+        with open(self.log, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vdisk.cli", "serve", "-d", str(ds.dir),
+                 "--unix-dir", str(workdir), "--json"], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=stderr, text=True)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], DEADLINE)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.stop()
+            raise AssertionError(f"vdisk serve did not start: {self.stderr_text()}")
+        self.info = json.loads(line)
+        self.service = open_service(ds.dir)
 
-    @property
-    def socket(self) -> Path:
-        assert self.server.socket is not None
-        return self.server.socket
+    def stop(self) -> None:
+        if getattr(self, "service", None) is not None:
+            self.service.close()
+            self.service = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(DEADLINE)
 
     @property
     def returncode(self) -> int | None:
-        return self.server.returncode
+        return self.proc.poll()
 
     def stderr_text(self) -> str:
-        return self.server.stderr_text()
+        """The server's log and every worker's."""
+        logs = [self.log, *sorted(self.rundir.glob("*.log"))]
+        return "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
 
     def execute(self, command: str, **arguments: Any) -> dict[str, Any]:
-        end = time.monotonic() + DEADLINE
-        while self.client is None:
-            try:
-                self.client = ControlClient.connect(self.control)
-            except ControlUnavailable:
-                if time.monotonic() > end or self.server.returncode is not None:
-                    raise AssertionError(f"no control socket: {self.stderr_text()}") from None
-                time.sleep(0.05)
-        return self.client.execute(command, arguments)
+        return self.service.execute(command, arguments)
 
     def job(self, job_id: int) -> dict[str, Any]:
         return self.execute("query-jobs", id=job_id)["jobs"][0]
@@ -168,10 +184,13 @@ class ServedDatastore:
             assert time.monotonic() < end, f"job {job_id} never reached {states}: {job}"
             time.sleep(0.05)
 
+    def socket(self, export: str) -> Path:
+        return self.rundir / f"{export}.sock"
+
     def connect(self, export: str) -> nbd.NBD:
         h = nbd.NBD()
         h.set_export_name(export)
-        h.connect_unix(str(self.socket))
+        h.connect_unix(str(self.socket(export)))
         return h
 
     def read(self, export: str) -> bytes:
@@ -213,8 +232,8 @@ def test_serving_a_chain_whose_parent_changed_is_refused(serve, workdir: Path,
 
 def test_serving_a_datastore_refuses_the_disk_not_the_server(
         tmp_path: Path, sockdir: Path) -> None:
-    """A datastore opens a disk on its first connection: that connection fails,
-    naming the reason, and the server serves on."""
+    """A disk whose chain is refused has no worker serving it (its worker
+    says why, once per start); the server serves the others."""
     ds = Datastore(tmp_path / "ds")
     good = vdisk_chain(ds.images, ["g0.qcow2", "g1.qcow2"])
     bad = vdisk_chain(ds.images, ["b0.qcow2", "b1.qcow2"])
@@ -222,10 +241,10 @@ def test_serving_a_datastore_refuses_the_disk_not_the_server(
     ds.register("bad", bad[0])
     qemu_io.run(bad[1], "write -P 0x78 0 4k")
     with ds.serve(sockdir) as served:
-        h = nbd.NBD()
-        h.set_export_name("bad")
-        with pytest.raises(nbd.Error):
-            h.connect_unix(str(served.socket))
+        states = {d["disk"]: d["state"] for d in served.info["disks"]}
+        assert states["good"] == "running" and states["bad"] != "running", served.info
+        bad_info = next(d for d in served.info["disks"] if d["disk"] == "bad")
+        assert MODIFIED in bad_info["error"] and str(bad[1]) in bad_info["error"], bad_info
         assert served.returncode is None, served.stderr_text()
         ok = served.read("good")
         assert len(ok) == SIZE
@@ -337,7 +356,7 @@ def test_recovery_records_the_targets_fresh_id(ds_disk, workdir: Path,
     ds, chain = ds_disk
     expected = _raw(chain[0], workdir)
     job_id = _crash_between_refresh_and_set_parent(ds, chain)
-    with ds.serve(sockdir) as served:                     # DatastoreService._recover
+    with ds.serve(sockdir) as served:                     # the worker's recovery
         assert served.job(job_id)["state"] == "interrupted"
         got = served.read("a")
         assert got == expected, first_difference(got, expected)
@@ -353,7 +372,7 @@ def test_recovery_in_process_service(ds_disk, workdir: Path) -> None:
     ds, chain = ds_disk
     expected = _raw(chain[0], workdir)
     job_id = _crash_between_refresh_and_set_parent(ds, chain)
-    service = DatastoreService(str(ds.dir))
+    service = DiskService(str(ds.dir), "a")
     try:
         # the job's process is gone: shown interrupted, journalled so by the
         # disk's next owner
@@ -382,7 +401,7 @@ def test_recovery_after_a_crash_during_recovery(ds_disk, workdir: Path) -> None:
         cat.update_job(job_id, state="interrupted", error="the server stopped while the job ran")
     finally:
         cat.close()
-    service = DatastoreService(str(ds.dir))
+    service = DiskService(str(ds.dir), "a")
     try:
         service.execute("job-cancel", {"id": job_id})
         assert service.disk("a").read(SIZE, 0) == expected
@@ -399,7 +418,7 @@ def test_recovery_does_not_accept_a_foreign_write_of_the_target(ds_disk) -> None
     ds, chain = ds_disk
     _crash_between_refresh_and_set_parent(ds, chain)
     vdisk_write(chain[1], b"\x99" * 4096, 7 * MiB)     # no layer above covers 7M
-    service = DatastoreService(str(ds.dir))
+    service = DiskService(str(ds.dir), "a")
     try:
         with pytest.raises(ImageError, match=MODIFIED):
             service.disk("a")
@@ -419,7 +438,7 @@ def test_a_job_failing_between_refresh_and_set_parent_leaves_an_openable_chain(
     def set_parent(f, parent_id):  # noqa: ANN001, ANN202
         raise OSError(errno.EIO, "Input/output error")
 
-    service = DatastoreService(str(ds.dir))
+    service = DiskService(str(ds.dir), "a")
     try:
         monkeypatch.setattr(ident, "set_parent", set_parent)
         with pytest.raises(OSError):
@@ -428,7 +447,7 @@ def test_a_job_failing_between_refresh_and_set_parent_leaves_an_openable_chain(
         assert service.disk("a").read(SIZE, 0) == expected
     finally:
         service.close()
-    service = DatastoreService(str(ds.dir))
+    service = DiskService(str(ds.dir), "a")
     try:
         assert service.disk("a").read(SIZE, 0) == expected
     finally:
