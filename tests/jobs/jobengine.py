@@ -152,7 +152,8 @@ class EngineCase:
             self.guest = Guest(self.journal, lambda: EnginePort(self.disk),
                                writers=2, readers=2 if self.plan.parallel else 0,
                                seed=self.plan.seed,
-                               flush_weight=0.5 if self.plan.parallel else 0.05)
+                               flush_weight=0.5 if self.plan.parallel else 0.05,
+                               label=self.where)
             self.guest.start()
             try:
                 self.guest.run_ops(10)
@@ -194,7 +195,9 @@ class EngineCase:
     def snapshot(self) -> Path:
         new = self.workdir / f"snap{self.step}-{len(self.disk.layers)}.qcow2"
         self.step += 1
+        self.guest.phase = "a snapshot"
         snapshot(self.disk, str(new), lambda p: setattr(self, "persisted", Path(p)))
+        self.guest.phase = "writes after a snapshot"
         return new
 
     def job(self, collapse: int, new: bool) -> MirrorJob | None:
@@ -208,6 +211,7 @@ class EngineCase:
             count(f"engine job refused: {e.reason.split(':')[0][:60]}")
             return None
         slow_copy(job, 0.002)
+        self.guest.phase = "the copy"
         return job
 
     def consolidate(self, collapse: int, new: bool, cancel: str | None = None) -> None:
@@ -221,20 +225,25 @@ class EngineCase:
         count(f"engine checks while copying{'' if copying else ' (copy already done)'}")
         if cancel == "copying" and job.state is State.COPYING:
             job.cancel()
+            self.guest.phase = "writes after a cancel"
             count("engine cancels while copying")
             self.checkpoint("cancelled while copying")
             return
         state = job.wait((State.READY,), STATE_DEADLINE)
         assert state is State.READY, f"{self.where}: job {state.value}: {job.error}"
+        self.guest.phase = "ready"
         self.guest.run_ops(10)           # mirrored writes after the READY flush
         self.checkpoint("ready", crash=True)
         if cancel is not None:
             job.cancel()
+            self.guest.phase = "writes after a cancel"
             count("engine cancels when ready")
             self.checkpoint("cancelled when ready", crash=True)
             return
         target = Path(job.target_path)
+        self.guest.phase = "the pivot"
         job.complete(lambda p: setattr(self, "persisted", Path(p)))
+        self.guest.phase = "writes after the pivot"
         assert self.persisted == target, f"{self.where}: persisted {self.persisted}"
         assert Path(self.disk.path) == target, self.disk.path
         self.checkpoint("after the pivot", crash=True)
@@ -265,6 +274,7 @@ def _backup_job(case: EngineCase) -> None:
     case.snapshot()
     t1 = case.journal.mark()
     backup = case.workdir / "backup.qcow2"
+    case.guest.phase = "the backup's copy"
     qemu_img.convert(frozen, backup, "qcow2", force_share=True)
     want, unknown = case.journal.view_at(t0, t1)
     got = jobcheck.on_disk_view(backup, case.workdir / "backup.raw")
@@ -282,6 +292,7 @@ def _replicate_job(case: EngineCase) -> None:
     case.snapshot()
     t1 = case.journal.mark()
     target = case.workdir / "replica"
+    case.guest.phase = "the replication"
     try:
         with replicate.Session(str(target)) as session:
             session.add(str(frozen))

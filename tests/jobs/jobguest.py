@@ -180,7 +180,7 @@ class Guest:
     def __init__(self, journal: Journal, ports: Callable[[], Port], *, writers: int,
                  readers: int = 0, seed: int, max_len: int = 96 * KiB,
                  flush_weight: float = 0.05, trim_weight: float = 0.1,
-                 read_len: int = 4 * KiB) -> None:
+                 read_len: int = 4 * KiB, label: str = "") -> None:
         size = journal.size
         self.journal = journal
         self.seed = seed
@@ -193,6 +193,8 @@ class Guest:
         self.stable = (cut[writers], size) if readers else None
         self.errors: list[str] = []
         self.reads = 0
+        self.label = label          # names the case in failure messages
+        self.phase = "start"        # what the case does meanwhile (set by the case)
         self._ports = ports
         self._want_pause = False
         self._parked = 0
@@ -222,8 +224,8 @@ class Guest:
             fn(i, port)
         except Exception as e:  # noqa: BLE001 - reported by check_errors()
             with self._cond:
-                self.errors.append(f"{threading.current_thread().name}: "
-                                   f"{type(e).__name__}: {e}")
+                self.errors.append(f"{threading.current_thread().name} during "
+                                   f"{self.phase}: {type(e).__name__}: {e}")
                 self._stop = True
                 self._cond.notify_all()
 
@@ -239,7 +241,7 @@ class Guest:
         self.check_errors()
 
     def check_errors(self) -> None:
-        assert not self.errors, f"guest requests failed: {self.errors[:3]}"
+        assert not self.errors, f"{self.label}: guest requests failed: {self.errors[:3]}"
 
     def _checkpoint(self) -> bool:
         """Park while paused; False once stopped."""

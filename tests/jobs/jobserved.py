@@ -84,12 +84,14 @@ class ServedCase:
             verify_view(self.checker.read, self.built.initial, f"{self.where}: served")
             self.guest = Guest(self.journal, lambda: NbdPort(srv.connect(DISK)), writers=2,
                                readers=2 if parallel else 0, seed=self.plan.seed,
-                               flush_weight=0.5 if parallel else 0.05)
+                               flush_weight=0.5 if parallel else 0.05, label=self.where)
             self.guest.start()
             try:
                 self.guest.run_ops(10)
                 for _ in range(self.plan.snapshots_first):
+                    self.guest.phase = "a snapshot"
                     self.ctl.execute("snapshot", disk=DISK)
+                    self.guest.phase = "writes after a snapshot"
                 SERVED_JOBS[self.plan.kind](self)
                 self.guest.run_ops(10)
                 self.checkpoint("at the end")
@@ -132,6 +134,7 @@ class ServedCase:
             args = {"to": "images/d-new.qcow2", "into": chain[collapse - 1]}
         elif collapse > 1:
             args = {"into": chain[collapse]}
+        self.guest.phase = "the copy"
         try:
             job = self.ctl.execute("consolidate", disk=DISK, pivot=False, **args)["job"]
         except ControlError as e:
@@ -141,6 +144,7 @@ class ServedCase:
         if cancel == "copying":
             done = self.ctl.execute("job-cancel", id=job["id"])["job"]
             assert done["state"] == "cancelled", f"{self.where}: {done}"
+            self.guest.phase = "writes after a cancel"
             count("served cancels while copying" if done["bytes_copied"] < done["copy_set_bytes"]
                   else "served cancels (the copy was done)")
             self.checkpoint("cancelled")
@@ -151,16 +155,20 @@ class ServedCase:
         count(f"served checks while copying{'' if copying else ' (copy already done)'}")
         ready = self.ctl.wait_job(job["id"], ("ready",), deadline=30)
         assert ready["state"] == "ready", f"{self.where}: {ready}"
+        self.guest.phase = "ready"
         self.guest.run_ops(10)
         self.checkpoint("ready", crash=True)
         if cancel == "ready":
             done = self.ctl.execute("job-cancel", id=job["id"])["job"]
             assert done["state"] == "cancelled", f"{self.where}: {done}"
+            self.guest.phase = "writes after a cancel"
             count("served cancels when ready")
             self.checkpoint("cancelled when ready", crash=True)
             assert self.chain() == chain, f"{self.where}: {self.chain()} != {chain}"
             return
+        self.guest.phase = "the pivot"
         done = self.ctl.execute("job-complete", id=job["id"])["job"]
+        self.guest.phase = "writes after the pivot"
         assert done["state"] == "done", f"{self.where}: {done}"
         assert self.chain()[0] == done["top_after"], f"{self.where}: {done}"
         self.checkpoint("after the pivot", crash=True)
@@ -182,8 +190,10 @@ class ServedCase:
                 assert time.monotonic() < end, f"{self.where}: no snapshot in 60 s"
                 time.sleep(0.005)
         finally:
+            self.guest.phase = f"vdisk {command[0]} after its snapshot"
             self.guest.resume()
         out, err = proc.communicate(timeout=120)
+        self.guest.phase = f"writes after vdisk {command[0]}"
         assert proc.returncode == 0, f"{self.where}: vdisk {' '.join(command)}: {err}"
         return out, t0
 

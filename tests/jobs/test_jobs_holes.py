@@ -8,14 +8,11 @@
    drain; a write and flush during the drain are lost from the new top.
 (2 and 7, several processes on one datastore, are in test_jobs_processes.py.)
 
-And what the differential tests found besides (test names say ``found``):
-a target shorter than the disk, and zeroing a compressed cluster whose data
-starts at an odd byte.
+What the differential tests found besides is in test_jobs_found.py.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -28,7 +25,7 @@ from jobserve import NbdPort, serve_datastore
 from jobserved import DISK, make_datastore
 from jobshapes import LayerSpec, ShapeSpec, build
 
-from vdisk_block import ImageError, open_disk
+from vdisk_block import open_disk
 from vdisk_block.disk import Disk
 from vdisk_block.mirror import MirrorJob, State
 
@@ -294,65 +291,3 @@ def test_pivot_under_reads_and_flushed_writes_served(tmp_path: Path) -> None:
         got = jobcheck.on_disk_view(srv.top(DISK), tmp_path / "crash.raw")
         diff = jobcheck.first_difference(got, flushed[-1])
         assert diff is None, f"the files of the new top lack a flushed write: {diff}"
-
-
-# -- found by the differential tests -------------------------------------------------------
-
-
-def test_found_target_shorter_than_the_disk(tmp_path: Path) -> None:
-    """A backing image shorter than the disk as the target: the job is refused
-    up front, or it ends with the whole disk in the target (QEMU's commit grows
-    the target); it must not start and then fail."""
-    spec = ShapeSpec(2 * MiB, (
-        v3(64 * KiB, 1 * MiB, ("data", 0, 1 * MiB, 1)),
-        v3(64 * KiB, 2 * MiB, ("data", 1536 * KiB, 64 * KiB, 2)),
-    ))
-    built = build(spec, tmp_path)
-    disk = open_disk(str(built.top))
-    try:
-        try:
-            job = MirrorJob(disk, 1).start()
-        except ImageError as e:
-            assert "\n" not in str(e)
-            return
-        state = job.wait((State.READY,), 30)
-        assert state is State.READY, f"the job started, then {state.value}: {job.error}"
-        job.complete()
-        verify_view(disk.read, built.initial, "after the pivot")
-    finally:
-        disk.close()
-    jobcheck.qemu_final(built.paths[0], built.initial, tmp_path / "m.raw", "the target")
-
-
-def test_found_zero_clears_a_compressed_cluster_at_an_odd_offset(tmp_path: Path) -> None:
-    """Two compressed clusters; the second one's data starts at an odd byte (its
-    L2 entry has bit 0 set, which in a compressed entry is part of the offset,
-    not the zero flag). A write of zeros (no trim) must clear both."""
-    img = tmp_path / "c.qcow2"
-    built = _compressed_pair(img)
-    disk = open_disk(str(img))
-    try:
-        e = disk.top.entry(1) if disk.top else 0
-        assert e & 1, f"the second compressed cluster starts at an even byte: {e:#x}"
-        disk.zero(8 * KiB, 0, may_trim=False)
-        got = disk.read(8 * KiB, 0)
-        assert got == bytes(8 * KiB), \
-            f"after zero: {jobcheck.first_difference(got, bytes(8 * KiB))}"
-    finally:
-        disk.close()
-    jobcheck.qemu_final(img, bytes(8 * KiB) + built[8 * KiB:], tmp_path / "m.raw", "zeroed")
-
-
-def _compressed_pair(img: Path) -> bytes:
-    from vdisk import qemu_img, qemu_io
-
-    qemu_img.create(img, "qcow2", 1 * MiB, options={"cluster_size": 4 * KiB})
-    cmds = []
-    for k in range(2):
-        src = img.parent / f"src{k}"
-        src.write_bytes(random.Random(k).randbytes(101).ljust(4 * KiB, b"\0"))
-        cmds.append(f"write -c -s {src} {k * 4 * KiB} 4k")
-    qemu_io.run(img, *cmds)
-    for k in range(2):
-        os.unlink(img.parent / f"src{k}")
-    return jobcheck.on_disk_view(img, img.parent / "view.raw")

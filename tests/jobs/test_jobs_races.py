@@ -34,7 +34,7 @@ from jobprocs import (
     wait_group_gone,
     wait_phase,
 )
-from jobserve import serve_datastore
+from jobserve import NbdPort, serve_datastore
 
 pytestmark = [pytest.mark.crash, pytest.mark.slow]
 
@@ -59,12 +59,12 @@ def test_backup_lacks_writes_after_its_snapshot(tmp_path: Path) -> None:
     gate = ConvertGate(tmp_path)
     pattern = b"\xa7" * (64 * 1024)
     with serve_datastore(root, tmp_path) as srv:
-        h = srv.connect("a")
+        h = NbdPort(srv.connect("a"))
         bg = Background(["backup", "a", "--to", backup, "-d", root, "--json"], tmp_path,
                         env=gate.env, name="backup")
         try:
             gate.wait_started()
-            h.pwrite(pattern, 5 * MiB)          # after the snapshot: not in the backup
+            h.write(pattern, 5 * MiB)           # after the snapshot: not in the backup
             h.flush()
             other = vdisk("consolidate", "a", "-d", root, "--json", timeout=60)
             consolidated = "refused" if other.returncode else json.loads(other.stdout)["state"]
@@ -75,7 +75,7 @@ def test_backup_lacks_writes_after_its_snapshot(tmp_path: Path) -> None:
         finally:
             gate.release()
             bg.cleanup()
-        got = h.pread(len(initial), 0)
+        got = h.read(len(initial), 0)
         want = initial[:5 * MiB] + pattern + initial[5 * MiB + len(pattern):]
         assert got == want, jobcheck.first_difference(got, want)
     jobcheck.count(f"backup against consolidate: consolidate {consolidated}")
@@ -85,6 +85,41 @@ def test_backup_lacks_writes_after_its_snapshot(tmp_path: Path) -> None:
     assert diff is None, f"the backup is not the disk at its snapshot (consolidate " \
                          f"{consolidated} during its copy): {diff}"
     jobcheck.qemu_final(catalog_top(root, "a"), want, tmp_path / "m.raw", "disk a", [backup])
+
+
+@pytest.mark.parametrize("target_exists", [False, True], ids=["new-target", "target"])
+def test_replicates_into_one_target_at_once(tmp_path: Path, target_exists: bool) -> None:
+    """Three ``vdisk replicate`` of three disks into one target datastore at once
+    (three times when the target is new: the race is in creating it): each finishes (the target takes one at a time) or refuses in one
+    line; what they leave on the target is whole and reads as its source."""
+    root = tmp_path / "ds"
+    ds, initial = disk_a(root)
+    ds.add_disk("b", [("write -P 0x61 0 2M",), ("write -P 0x62 1M 2M",)], 4 * MiB)
+    ds.add_disk("c", [("write -P 0x71 0 3M",)], 4 * MiB)
+    sources = {"a": initial, **{n: raw_view(catalog_top(root, n), tmp_path / f"{n}.raw")
+                                for n in ("b", "c")}}
+    for attempt in range(1 if target_exists else 3):
+        target = tmp_path / f"target{attempt}"
+        if target_exists:
+            ok(vdisk("datastore", "init", target), "datastore init")
+        runs = {name: Background(["replicate", name, "-d", root, "--to", target, "--json"],
+                                 tmp_path, name=f"replicate-{name}") for name in sources}
+        try:
+            results = {name: bg.wait() for name, bg in runs.items()}
+        finally:
+            for bg in runs.values():
+                bg.cleanup()
+        done = [name for name, r in results.items() if r.returncode == 0]
+        for name, r in results.items():
+            if r.returncode:
+                refusal(r, f"replicate {name} beside two others into "
+                           f"{'a' if target_exists else 'a new'} datastore")
+        assert done, results
+        jobcheck.count(f"replicates into one target at once: {len(done)} of 3 done")
+        for name in done:
+            top = catalog_top(target, name)
+            jobcheck.qemu_final(top, sources[name], tmp_path / "m.raw", f"replica of {name}")
+        assert not leftovers(target), leftovers(target)
 
 
 # -- commands killed mid-way ------------------------------------------------------------------
