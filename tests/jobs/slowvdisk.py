@@ -10,7 +10,9 @@ other processes and signals reach the job while it copies.
 phase, the command waits this long, so a test sees the phase in the catalog
 and acts in it. Phases: a job state the journal records (``copying``,
 ``ready``, ``pivoting``, ``done``...), ``pivoted`` (the disk's new top and
-the pivot recorded in one step) and ``snapshot`` (a new top without a job).
+the pivot recorded in one step), ``snapshot`` (a new top without a job) and
+``creating`` (a new image written under its temporary name, before the
+rename: held in its fsync).
 
 Only test timing changes; the command is the product's ``vdisk.cli.main``.
 """
@@ -24,6 +26,7 @@ import time
 from typing import Any
 
 from vdisk import blockpath  # noqa: F401  (makes vdisk_block importable)
+from vdisk_block import create
 from vdisk_block.catalog import Catalog
 from vdisk_block.disk import Disk
 
@@ -55,6 +58,23 @@ def _hold(spec: str) -> None:
 
     Catalog.update_job = held_update        # type: ignore[method-assign]
     Catalog.set_top = held_set_top          # type: ignore[method-assign]
+    if "creating" in holds:
+        create.os = _HeldFsync(holds["creating"])   # type: ignore[assignment]
+
+
+class _HeldFsync:
+    """The os module as create.py sees it; fsync of a ``.creating`` file waits first."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def fsync(self, fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".creating"):
+            time.sleep(self.hold)
+        os.fsync(fd)
 
 
 def main() -> int:

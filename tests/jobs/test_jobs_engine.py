@@ -29,7 +29,7 @@ pytestmark = pytest.mark.differential
 
 SCALE = float(os.environ.get("VDISK_JOBS_SCALE", "1"))
 EXAMPLES = max(1, int(24 * SCALE))
-PARALLEL_EXAMPLES = max(1, int(12 * SCALE))
+PARALLEL_EXAMPLES = max(1, int(16 * SCALE))
 
 
 def job_settings(n: int) -> settings:

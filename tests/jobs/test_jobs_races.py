@@ -90,8 +90,9 @@ def test_backup_lacks_writes_after_its_snapshot(tmp_path: Path) -> None:
 @pytest.mark.parametrize("target_exists", [False, True], ids=["new-target", "target"])
 def test_replicates_into_one_target_at_once(tmp_path: Path, target_exists: bool) -> None:
     """Three ``vdisk replicate`` of three disks into one target datastore at once
-    (three times when the target is new: the race is in creating it): each finishes (the target takes one at a time) or refuses in one
-    line; what they leave on the target is whole and reads as its source."""
+    (three times when the target is new: the race is in creating it): each
+    finishes (the target takes one at a time) or refuses in one line; what
+    they leave on the target is whole and reads as its source."""
     root = tmp_path / "ds"
     ds, initial = disk_a(root)
     ds.add_disk("b", [("write -P 0x61 0 2M",), ("write -P 0x62 1M 2M",)], 4 * MiB)
@@ -126,6 +127,7 @@ def test_replicates_into_one_target_at_once(tmp_path: Path, target_exists: bool)
 
 # (phase the command is held in, signal, how the job is finished afterwards)
 CONSOLIDATE_KILLS = [
+    ("creating", signal.SIGKILL, "resume"), ("creating", signal.SIGTERM, "cancel"),
     ("copying", signal.SIGKILL, "resume"), ("copying", signal.SIGTERM, "cancel"),
     ("ready", signal.SIGKILL, "cancel"), ("ready", signal.SIGTERM, "resume"),
     ("pivoting", signal.SIGKILL, "resume"), ("pivoted", signal.SIGTERM, "resume"),
@@ -153,7 +155,7 @@ def reach(phase: str, root: Path, bg: Background, gate: ConvertGate | None,
     if gate is not None:
         gate.wait_started()
         return
-    if phase in ("snapshot", "pivoted"):
+    if phase in ("snapshot", "pivoted", "creating"):
         end = time.monotonic() + 60
         while not _in(phase, root, top_before):
             assert bg.proc.poll() is None, bg.err.read_text()
@@ -164,6 +166,8 @@ def reach(phase: str, root: Path, bg: Background, gate: ConvertGate | None,
 
 
 def _in(phase: str, root: Path, top_before: Path) -> bool:
+    if phase == "creating":           # the new image, under its temporary name
+        return any((root / "images").glob(".*.creating"))
     top = catalog_top(root, "a")
     if phase == "snapshot":
         return top != top_before

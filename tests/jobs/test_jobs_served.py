@@ -25,7 +25,7 @@ from test_jobs_engine import job_settings
 pytestmark = [pytest.mark.differential, pytest.mark.slow]
 
 SCALE = float(os.environ.get("VDISK_JOBS_SCALE", "1"))
-EXAMPLES = max(1, int(3 * SCALE))
+EXAMPLES = max(1, int(4 * SCALE))
 PARALLEL_EXAMPLES = max(1, int(3 * SCALE))
 
 
