@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vdisk_block import ImageError, open_disk  # noqa: E402
 from vdisk_block.control import ControlServer  # noqa: E402
 from vdisk_block.nbdkit_args import process_argv, readonly_from_argv  # noqa: E402
+from vdisk_block.owner import own_server  # noqa: E402
 from vdisk_block.service import DatastoreService  # noqa: E402
 
 API_VERSION = 2
@@ -33,6 +34,7 @@ _config: dict[str, str] = {}
 _disk = None                  # image= mode: the one disk
 _service = None               # datastore= mode: every disk of the datastore
 _control = None
+_server_lock = None           # datastore= mode: owner.own_server's lock
 _KEYS = {
     "image": "path of the top image of the chain to serve",
     "datastore": "serve every disk of this vdisk datastore, one export per disk",
@@ -93,8 +95,15 @@ def config_complete():
         _disk = open_disk(_config["image"], readonly=readonly)
         _disk.concurrent_reads = parallel
     else:
-        _service = DatastoreService(_config["datastore"], readonly=readonly,
-                                    concurrent_reads=parallel)
+        global _server_lock
+        directory = os.path.abspath(_config["datastore"])
+        _server_lock = own_server(directory, "nbdkit serving it")
+        _service = DatastoreService(directory, readonly=readonly, concurrent_reads=parallel,
+                                    what="nbdkit serving the datastore")
+        # own every disk now, settling what a dead server left; a disk that a
+        # running offline command owns is served once that command is done
+        for name, why in _service.own_all().items():
+            nbdkit.debug(f"disk {name!r} not owned yet: {why}")
 
 
 def after_fork():
@@ -115,6 +124,8 @@ def cleanup():
         _service.close()
     if _disk is not None:
         _disk.close()
+    if _server_lock is not None:
+        _server_lock.close()
 
 
 def list_exports(readonly, is_tls):

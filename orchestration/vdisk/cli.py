@@ -12,7 +12,8 @@
 
 Human output by default, one JSON object on stdout with ``--json``. Exit
 code 0 on success; otherwise one line ``vdisk: error: REASON`` on stderr and
-exit code 1 (2 for a bad command line, 130 when interrupted). The commands
+exit code 1 (2 for a bad command line, 130 when interrupted, 143 on
+SIGTERM, after the same clean-up as for Ctrl-C). The commands
 live in ``cli_disk`` (datastores and disks), ``cli_serve`` and ``cli_jobs``
 (snapshot, consolidation, jobs, backup) and ``cli_replicate`` (content
 identity, replication).
@@ -22,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 
 # blockpath makes vdisk_block (the block engine beside the plugin) importable
 from . import __version__, blockpath, cli_disk, cli_jobs, cli_replicate, cli_serve  # noqa: F401
@@ -32,6 +36,7 @@ from .errors import Error
 
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def build_parser() -> Parser:
@@ -67,6 +72,15 @@ def _fail(reason: str, code: int) -> int:
     return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: unwound like Ctrl-C, so that every command cleans up after itself
+    (cancels its job, removes its temporary files, stops what it started)."""
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from vdisk_block.errors import ImageError
 
@@ -75,11 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         return _fail(str(e), EXIT_USAGE)
     _setup_logging(args.verbose)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         code: int = args.func(args)
         return code
     except cli_jobs.JobInterrupted as e:
-        return _fail(str(e), EXIT_INTERRUPTED)
+        return _fail(str(e), EXIT_TERMINATED if isinstance(e.__context__, Terminated)
+                     else EXIT_INTERRUPTED)
+    except Terminated:
+        return _fail("terminated", EXIT_TERMINATED)
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except (Error, ImageError) as e:

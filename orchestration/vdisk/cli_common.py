@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fractions import Fraction
 from typing import Any, NoReturn
 
 from .control import Service, open_service
@@ -47,23 +48,25 @@ class Parser(argparse.ArgumentParser):
 
 # --- argument types ------------------------------------------------------------------
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtpe]?)(?:i?b)?", re.IGNORECASE)
 _SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_SIZE_DIGITS = 30       # more digits than any size a disk can have
 
 
 def parse_size(text: str) -> int:
-    """'10G' -> 10 GiB, '512M', '4096', '1.5G' (binary units; a multiple of 512 bytes)."""
-    m = _SIZE.match(text)
-    if m is None:
+    """'10G' -> 10 GiB, '512M', '4096', '1.5G' (binary units; a multiple of 512 bytes).
+
+    Exact (no floating point); how large a disk may be is for the command to say.
+    """
+    m = _SIZE.fullmatch(text.strip())
+    if m is None or len(m.group(1)) > _SIZE_DIGITS:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 10G, 512M, 65536)")
-    number, unit = m.group(1), m.group(2).lower()
-    size = int(float(number) * (1 << _SHIFT[unit])) if "." in number \
-        else int(number) << _SHIFT[unit]
+    size = Fraction(m.group(1)) * (1 << _SHIFT[m.group(2).lower()])
     if size <= 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
-    if size % 512:
+    if size.denominator != 1 or size % 512:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a multiple of 512 bytes")
-    return size
+    return int(size)
 
 
 def job_id(text: str) -> int:

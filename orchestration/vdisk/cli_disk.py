@@ -1,10 +1,14 @@
 """``vdisk datastore init`` and ``vdisk disk create|import|list|info|remove``.
 
 Creating and importing work on the files: every image is written under a
-temporary name in the datastore's ``images/`` and renamed when complete, and
-the catalog learns the disk last, so an interrupted command leaves no disk
-behind (at most a hidden ``.*.tmp`` file). Listing, showing and removing go
-through the datastore's service, so they see what a server sees.
+temporary name in the datastore's ``images/`` that this command owns
+(``.NAME.creating``, ``.NAME.import``: vdisk_block.files), renamed into place
+without replacing anything when complete, and the catalog learns the disk
+last. An interrupted command leaves no disk behind, at most a stale
+temporary, which the next create or import (or a server's recovery) removes.
+Two commands never write one name: a temporary reserves its final name.
+Listing, showing and removing go through the datastore's service, so they see
+what a server sees.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from .cli_common import (
 )
 from .control import is_served
 from .progress import human_bytes
+
+CLUSTER_BITS = 16       # the cluster size of the disks ``disk create`` makes
 
 
 def add_parsers(sub: Any) -> None:
@@ -98,17 +104,12 @@ def check_new_disk(c: Any, name: str) -> None:
         raise CliError(f"disk {name!r} already exists")
 
 
-def temp_name(path: str) -> str:
-    head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.{os.getpid()}.tmp")
+def _sweep(c: Any) -> None:
+    """Remove the temporaries of creates and imports that died (never a live one)."""
+    from vdisk_block.catalog import IMAGES
+    from vdisk_block.files import sweep_stale_temps
 
-
-def _unlink(paths: list[str]) -> None:
-    for p in paths:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
+    sweep_stale_temps(c.abspath(IMAGES))
 
 
 # --- datastore init ----------------------------------------------------------------
@@ -135,29 +136,25 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
     with catalog(args) as c:
         check_new_disk(c, args.name)
         backing = _frozen_image(c, args.backing) if args.backing else None
-        size = args.size
-        if backing is not None:
-            if size is None:
-                size = backing.size
-            elif size < backing.size:
-                raise CliError(f"--size {size} is smaller than {args.backing} "
-                               f"({backing.size} bytes)")
-        elif size is None:
-            raise CliError("--size is required (or --backing IMAGE for a linked clone)")
-        rel = c.new_image_path(args.name)
-        path = c.abspath(rel)
         try:
-            create_qcow2(path, size,
+            size = _new_size(args, backing)
+            _sweep(c)
+            rel = c.new_image_path(args.name)
+            path = c.abspath(rel)
+            create_qcow2(path, size, cluster_bits=CLUSTER_BITS,
                          backing=relative_backing(path, backing.path) if backing else None,
                          backing_format="qcow2" if backing else None,
                          parent_id=backing.identity.content_id if backing else None)
+        except FileExistsError:
+            check_new_disk(c, args.name)    # another create of this disk won the name
+            raise
         finally:
             if backing is not None:
                 backing.close()
         try:
             c.add_disk(args.name, rel)
         except BaseException:
-            _unlink([path])
+            os.unlink(path)             # create_qcow2 put it there, never replacing a file
             raise
     out = {"disk": args.name, "top": rel, "size": size,
            "backing": c.relpath(backing.path) if backing else None}
@@ -166,6 +163,28 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
         text += f", a linked clone of {out['backing']}"
     emit(args, out, text)
     return 0
+
+
+def _new_size(args: argparse.Namespace, backing: Any) -> int:
+    """The new disk's size: --size, else the backing image's; refused up front
+    when no image of CLUSTER_BITS clusters can be that large (as qemu-img)."""
+    from vdisk_block.header import max_virtual_size
+
+    size: int | None = args.size
+    if backing is not None:
+        if size is None:
+            size = int(backing.size)
+        elif size < backing.size:
+            raise CliError(f"--size {size} is smaller than {args.backing} "
+                           f"({backing.size} bytes)")
+    elif size is None:
+        raise CliError("--size is required (or --backing IMAGE for a linked clone)")
+    largest = max_virtual_size(CLUSTER_BITS)
+    if size > largest:
+        raise CliError(f"--size {human_bytes(size)} is too large: a qcow2 image with "
+                       f"{human_bytes(1 << CLUSTER_BITS)} clusters holds at most "
+                       f"{human_bytes(largest)} ({largest} bytes)")
+    return size
 
 
 def _frozen_image(c: Any, name: str) -> Any:
@@ -194,34 +213,42 @@ def _frozen_image(c: Any, name: str) -> Any:
 
 
 def cmd_disk_import(args: argparse.Namespace) -> int:
+    from vdisk_block.catalog import IMAGES
+    from vdisk_block.files import IMPORT_SUFFIX, fsync_dir
+
     source = os.path.abspath(args.file)
     if not os.path.exists(source):
         raise CliError(f"{args.file}: no such file")
     chain = qemu_img.info(source, backing_chain=True, force_share=True)
     with catalog(args) as c:
         check_new_disk(c, args.name)
+        _sweep(c)
         count = 1 if args.flatten else len(chain)
-        finals = [c.abspath(n) for n in c.new_image_paths(args.name, count)]
-        temps = [temp_name(p) for p in finals]
+        # each copy is written into a temporary this command owns, which reserves
+        # its final name; qemu-img writes into the file it is given (same inode)
+        temps = c.reserve_image_paths(args.name, count, IMPORT_SUFFIX)
+        finals = [t.final for t in temps]
         try:
             if args.flatten:
                 qemu_img.run(["convert", "-q", "-U", "-f", chain[0]["format"], "-O", "qcow2",
-                              source, temps[0]])
+                              source, temps[0].path])
             else:
-                _copy_layers(chain, temps, finals)
-            _stamp(temps)
-            for i in reversed(range(count)):        # base first: a renamed image's
-                os.rename(temps[i], finals[i])      # backing file is always in place
-        except BaseException:
-            _unlink(temps)
-            _unlink(finals)
-            raise
-        top = c.relpath(finals[0])
-        try:
+                _copy_layers(chain, [t.path for t in temps], finals)
+            _stamp([t.path for t in temps])
+            for t in temps:
+                os.fsync(t.fd)
+            for t in reversed(temps):   # base first: a renamed image's backing file is
+                t.commit()              # in place; an existing name is never replaced
+            fsync_dir(c.abspath(IMAGES))
+            top = c.relpath(finals[0])
             c.add_disk(args.name, top)
         except BaseException:
-            _unlink(finals)
+            for t in temps:             # only the files this command created
+                t.discard()
             raise
+        finally:
+            for t in temps:
+                t.close()
     size = int(chain[0]["virtual-size"])
     images = [c.relpath(p) for p in finals]
     emit(args, {"disk": args.name, "top": top, "chain": images, "size": size,
@@ -332,21 +359,10 @@ def cmd_disk_info(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_remove(args: argparse.Namespace) -> int:
-    directory = datastore_dir(args)
     with service(args) as svc:
-        disk = svc.execute("query-disks", {"disk": args.name})["disks"][0]
-        chain = [os.path.join(directory, p) for p in disk["chain"]]
-        if args.keep_images:
-            if disk.get("open"):
-                raise CliError(f"disk {args.name!r} is open; stop serving it first")
-            if disk.get("job"):
-                raise CliError(f"disk {args.name!r} has a job")
-            with catalog(args) as c:
-                c.remove_disk(args.name)
-        else:
-            svc.execute("disk-remove", {"disk": args.name})
-    deleted = [os.path.relpath(p, directory) for p in chain if not os.path.exists(p)]
-    kept = [os.path.relpath(p, directory) for p in chain if os.path.exists(p)]
+        result = svc.execute("disk-remove", {"disk": args.name,
+                                             "keep_images": bool(args.keep_images)})
+    deleted, kept = result["deleted"], result["kept"]
     text = f"removed disk {args.name}"
     if deleted:
         text += f"; deleted {', '.join(deleted)}"

@@ -12,6 +12,7 @@ server), and the command waits for it. Waiting polls ``query-jobs`` every
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from .cli_common import (
     emit,
     image_arg,
     job_id,
+    one_line,
     output_options,
     service,
 )
@@ -251,7 +253,17 @@ def cmd_job_action(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    """Snapshot; copy the frozen chain to a standalone qcow2; consolidate the delta back."""
+    """Snapshot; copy the frozen chain to a standalone qcow2; consolidate the delta back.
+
+    The backup is a job of the disk from its snapshot to the end of the copy
+    (backup-begin / backup-end, journalled under this command's owner token):
+    meanwhile no other job can start on the disk, so nothing writes the frozen
+    layers it reads, and qemu-img reads them under QEMU's read locks. If this
+    command dies, its job is found dead and its temporary copy removed.
+    """
+    from vdisk_block.files import rename_noreplace
+    from vdisk_block.owner import Owner
+
     directory = datastore_dir(args)
     dest = os.path.abspath(args.to)
     if os.path.lexists(dest):
@@ -260,19 +272,30 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise CliError(f"{os.path.dirname(dest)}: no such directory")
     tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{os.getpid()}.tmp")
     t0 = time.monotonic()
-    with service(args) as svc:
-        snap = svc.execute("snapshot", {"disk": args.disk})
+    with service(args) as svc, Owner(directory, f"vdisk backup {args.disk}") as me:
+        begun = svc.execute("backup-begin", {"disk": args.disk, "owner": me.token,
+                                             "output": dest, "temp": tmp})
+        snap = {"disk": args.disk, "top": begun["top"], "frozen": begun["frozen"]}
         copy_error: BaseException | None = None
         try:
-            qemu_img.run(["convert", "-q", "-U", "-O", "qcow2",
+            qemu_img.run(["convert", "-q", "-O", "qcow2",
                           os.path.join(directory, snap["frozen"]), tmp])
-            _durable_rename(tmp, dest)
+            _sync(tmp)
+            rename_noreplace(tmp, dest)
+            _sync(os.path.dirname(dest))
         except BaseException as e:      # consolidate back first, then report
             copy_error = e
-            try:
+            if isinstance(e, FileExistsError):
+                copy_error = CliError(f"{dest} appeared while the backup was written")
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        end: dict[str, Any] = {"id": begun["job"]["id"], "owner": me.token}
+        if copy_error is not None:
+            end["error"] = "interrupted" if isinstance(copy_error, KeyboardInterrupt) \
+                else one_line(str(copy_error))
+        else:
+            end["bytes"] = os.stat(dest).st_size
+        svc.execute("backup-end", end)
         try:
             job = consolidate(svc, args, {"disk": args.disk, "into": snap["frozen"]},
                               pivot=True)
@@ -286,7 +309,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     info = qemu_img.info(dest)
     result = {"disk": args.disk, "backup": dest, "bytes": os.stat(dest).st_size,
               "virtual_size": int(info["virtual-size"]), "snapshot": snap,
-              "duration_s": time.monotonic() - t0, "consolidate": job}
+              "job": begun["job"]["id"], "duration_s": time.monotonic() - t0,
+              "consolidate": job}
     text = (f"backed up {args.disk} to {dest} ({human_bytes(result['bytes'])}, snapshot "
             f"{snap['frozen']})\n{job_summary(job)}")
     emit(args, result, text)
@@ -296,17 +320,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _durable_rename(tmp: str, dest: str) -> None:
-    fd = os.open(tmp, os.O_RDONLY)
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    if os.path.lexists(dest):
-        raise CliError(f"{dest} appeared while the backup was written")
-    os.rename(tmp, dest)
-    dirfd = os.open(os.path.dirname(dest), os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)

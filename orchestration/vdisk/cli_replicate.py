@@ -163,11 +163,16 @@ def cmd_replicate(args: argparse.Namespace) -> int:
             directory = datastore_dir(args)
             if os.path.realpath(directory) == os.path.realpath(args.to):
                 raise CliError("the target datastore is the source datastore")
-            replicate.check_names_free(args.to, [args.name] if args.name else args.source)
             snapshots = []
             with service(args) as svc, session:
                 tops = {name: svc.execute("query-disks", {"disk": name})["disks"][0]["top"]
                         for name in args.source}             # every disk exists, first
+                for top in tops.values():                    # and its chain is sound
+                    replicate.check_source(os.path.join(directory, top))
+                # then the target, before a served source is snapshotted: a target
+                # that is no datastore, or a disk there that cannot be refreshed,
+                # leaves the source as it was
+                session.check_disks([args.name] if args.name else args.source)
                 for name in args.source:
                     snap = None
                     top = os.path.join(directory, tops[name])
@@ -205,4 +210,6 @@ def _replicate_text(result: dict[str, Any]) -> str:
             f"{human_duration(result['duration_s'])}")
     if result["disk"]:
         head += f"\ndisk {result['disk']} on the target: top {result['top']}"
+        if result["previous_top"]:
+            head += f" (refreshed: was {result['previous_top']})"
     return "\n".join([head, *lines])

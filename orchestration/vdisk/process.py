@@ -11,8 +11,10 @@ process (:class:`~vdisk.machine.Machine`, :class:`~vdisk.nbdkit.NbdkitServer`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
+import shutil
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
@@ -41,9 +43,12 @@ def run(
     """
     cmd = list(cmd)
     log.debug("Running %s", shlex.join(cmd))
+    if shutil.which(cmd[0]) is None:
+        log.warning("Cannot run %s: not found", cmd[0])
+        raise error(cmd, None, f"cannot run {cmd[0]}: not found")
     try:
         cp = subprocess.run(
-            cmd,
+            [*dies_with_us(), *cmd],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -72,6 +77,17 @@ def run(
             )
         raise error(cmd, cp.returncode, cp.stderr, cp.stdout)
     return cp
+
+
+@functools.cache
+def dies_with_us() -> list[str]:
+    """A prefix for a command line that makes the command die with the thread
+    that started it (SIGKILL on its death, however it dies): ``setpriv
+    --pdeathsig KILL --`` from util-linux, where it is installed. A copy that
+    outlives a killed ``vdisk backup`` would go on writing a file nobody
+    removes."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float, *, log: logging.Logger, name: str) -> int:

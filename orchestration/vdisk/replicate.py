@@ -1,256 +1,40 @@
 """Reconstruct a chain on a second datastore by content IDs (docs/replicate.md).
 
 For a chain top -> ... -> base and a target datastore: the top is copied; for
-each parent, an image of the target with a valid, equal content ID and the
-same virtual size is looked for; if there is one, the copy below links to it
-and the walk stops, else the parent is copied too and the walk goes on.
+each parent whose source chain below is proven (each image records its
+parent's current content ID), an image of the target with a valid, equal
+content ID, the same virtual size and a proven chain below is looked for
+(replica_target.find_match); if there is one, the copy below links to it and
+the walk stops, else the parent is copied too and the walk goes on.
 
 Copies move only the layer's own clusters (vdisk_block.layercopy) and keep
 its content identity. They are written bottom-up under a temporary name
-(``images/.NAME.partial``, which the index never reads), synced, and renamed
-into place only when complete: an image the target shows is always whole,
-and so is its backing file, so an interrupted run leaves nothing a later run
-could wrongly link to. One replicate at a time writes into a target (a lock
-file); each run first removes what an interrupted one left behind.
+(``images/.NAME.partial``, which the index never reads), synced, compared
+with their source (--verify), and renamed into place only then: an image
+the target shows is always whole (and verified), and so is its backing
+file, so an interrupted run leaves nothing a later run could wrongly link
+to. One replicate at a time writes into a target (a lock file); each run
+first removes what an interrupted one left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import queue
-import re
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict
 from typing import Any
 
-from . import blockpath, qemu_img  # noqa: F401  (blockpath: vdisk_block importable)
-from .errors import ContentMismatch, Error
+from . import blockpath, qemu_img  # noqa: F401  (vdisk_block importable; tests patch qemu_img)
+from . import replica_target as target
+from .replica_commit import Commit, Committer, Job, Layer, VerifyMismatch, verify_copy
+from .replica_target import ReplicateError
 
-LOCK_NAME = ".replicate.lock"
-LOCK_TIMEOUT_S = 60.0
+__all__ = ["Layer", "ReplicateError", "Session", "VerifyMismatch", "check_source"]
 
 Progress = Callable[[int, int, str], None]      # done bytes, total bytes, label
-
-
-class ReplicateError(Error):
-    msg = "{self.reason}"
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
-
-
-@dataclass
-class Layer:
-    source: str                 # the source image (absolute path)
-    image: str                  # the target image, relative to the target datastore
-    action: str                 # "copied" or "linked"
-    bytes_moved: int
-    content_id: str | None
-    identity: str               # valid, unknown or unsupported
-    verified: bool | None = None
-
-
-def open_target(directory: str) -> Any:
-    """The target datastore's catalog; a missing or empty directory becomes one."""
-    from vdisk_block.catalog import DB_NAME, Catalog
-
-    directory = os.path.abspath(directory)
-    if os.path.exists(os.path.join(directory, DB_NAME)):
-        return Catalog(directory)
-    if os.path.exists(directory) and (not os.path.isdir(directory) or not _empty(directory)):
-        raise ReplicateError(f"{directory} is not a vdisk datastore (and not an empty "
-                             "directory); create one with 'vdisk datastore init'")
-    os.makedirs(directory, exist_ok=True)
-    return Catalog.init(directory)
-
-
-def _empty(directory: str) -> bool:
-    """Empty, or only what an interrupted first replicate into it left: the lock
-    file and an empty images/ (Catalog.init makes it before vdisk.db)."""
-    from vdisk_block.catalog import IMAGES
-
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if name == LOCK_NAME or (name == IMAGES and os.path.isdir(path)
-                                 and not os.listdir(path)):
-            continue
-        return False
-    return True
-
-
-def check_names_free(target_dir: str, disks: list[str]) -> None:
-    """Refuse disk names the target already has, before anything is done for them
-    (a served source would otherwise be snapshotted for nothing)."""
-    from vdisk_block.catalog import DB_NAME, Catalog, check_disk_name
-
-    for disk in disks:
-        check_disk_name(target_dir, disk)
-    if not os.path.exists(os.path.join(target_dir, DB_NAME)):
-        return
-    catalog = Catalog(target_dir)
-    try:
-        taken = sorted(set(disks) & {r["name"] for r in catalog.disks()})
-    finally:
-        catalog.close()
-    if taken:
-        raise ReplicateError(f"disk {taken[0]!r} already exists on {catalog.dir}")
-
-
-@contextmanager
-def _target_lock(directory: str) -> Iterator[None]:
-    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 0o644)
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ReplicateError(f"{directory}: another replicate has been writing "
-                                         f"into it for {LOCK_TIMEOUT_S:.0f} s") from None
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _remove_partials(catalog: Any) -> list[str]:
-    from vdisk_block.catalog import IMAGES, PARTIAL_SUFFIX
-
-    removed = []
-    top = catalog.abspath(IMAGES)
-    for name in os.listdir(top):
-        if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
-            os.unlink(os.path.join(top, name))
-            removed.append(name)
-    return removed
-
-
-def find_match(catalog: Any, f: Any, exclude: set[str]) -> str | None:
-    """An image of the target that may stand for layer f: same valid content ID,
-    same virtual size, and not a disk's (writable) top. The index proposes; the
-    image's own header, read now, decides."""
-    from vdisk_block import identity
-    from vdisk_block.errors import ImageError
-
-    if not f.identity.valid:
-        return None
-    for rel in catalog.images_with(identity.format_id(f.identity.content_id), f.size):
-        path = catalog.abspath(rel)
-        if os.path.realpath(path) in exclude:
-            continue
-        try:
-            h, ident = identity.read(path)
-        except (OSError, ImageError):
-            continue
-        if h is not None and ident.valid and ident.content_id == f.identity.content_id \
-                and h.size == f.size and _chain_opens(path):
-            return rel
-    return None
-
-
-def _chain_opens(path: str) -> bool:
-    """Whether the chain below a candidate is whole and unmodified (every file
-    there, every recorded parent ID still its parent's)."""
-    from vdisk_block.chain import open_chain
-    from vdisk_block.errors import ImageError
-
-    try:
-        layers = open_chain(path, readonly=True)
-    except (OSError, ImageError):
-        return False
-    for f in layers:
-        f.close()
-    return True
-
-
-@dataclass
-class _Job:
-    """One chain being replicated: its copies, bottom-up, and what follows them."""
-
-    source: str
-    disk: str | None
-    top: tuple[int, int, bytes | None]          # source top: size, cluster bits, valid ID
-    results: list[Layer]                        # top first
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    t0: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Commit:
-    fd: int                     # the copy, open since it was written; closed by the committer
-    tmp: str
-    path: str
-    sync_dir: bool
-    job: _Job
-    last: bool
-
-
-class _Committer:
-    """Syncs finished copies and renames them into place, in the order they were
-    queued, in a thread of its own: the disk writes one copy back while the
-    next is being copied (a copy only starts its writeback).
-
-    Order is what keeps a target whole: a copy is renamed only after the
-    image below it (queued before it), and never after a failure: every
-    commit queued after one that failed (or after abort()) is abandoned, its
-    file left under its temporary name for the caller to remove.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.failed: BaseException | None = None
-
-    def submit(self, commit: _Commit) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="replicate-commit",
-                                            daemon=True)
-            self._thread.start()
-        self._queue.put(commit)
-
-    def abort(self, reason: BaseException) -> None:
-        """Abandon every commit not yet started."""
-        if self.failed is None:
-            self.failed = reason
-
-    def stop(self) -> None:
-        """Wait until everything queued is committed or abandoned."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        from vdisk_block.files import fsync_dir
-
-        while (c := self._queue.get()) is not None:
-            try:
-                if self.failed is None:
-                    # the descriptor that wrote the copy: its fsync reports any
-                    # writeback error, which a fresh open could miss
-                    os.fsync(c.fd)
-                    os.rename(c.tmp, c.path)
-                    if c.sync_dir:
-                        fsync_dir(os.path.dirname(c.path))
-            except BaseException as e:              # noqa: BLE001  (reported by the job)
-                self.failed = e
-            finally:
-                with contextlib.suppress(OSError):
-                    os.close(c.fd)
-            if self.failed is not None and c.job.error is None:
-                c.job.error = self.failed
-            if c.last or c.job.error is not None:
-                c.job.done.set()
 
 
 class Session:
@@ -271,8 +55,8 @@ class Session:
         self.results: list[dict[str, Any]] = []
         self.catalog: Any = None
         self._stack = ExitStack()
-        self._committer = _Committer()
-        self._jobs: list[_Job] = []                 # added, disk not yet added
+        self._committer = Committer()
+        self._jobs: list[Job] = []                 # added, disk not yet added
         self._own: dict[tuple[bytes, int], str] = {}   # (ID, size) -> copy made here
         self._names: set[str] = set()               # image names taken by this session
         self._disks: set[str] = set()
@@ -284,18 +68,51 @@ class Session:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             self.finish()
-        except Exception:
-            if exc is None:
+        except Exception as e:
+            if exc is None or e is exc:
                 raise
-            # the error that stopped the session is the one to report; the
-            # chains before it are finished (and kept) all the same
+            if isinstance(exc, Exception):
+                # a chain before the one that stopped the session failed while
+                # being finished: its error comes first, and neither is lost
+                raise ReplicateError(f"{describe(e)}; then {describe(exc)}") from exc
+            # (an interrupt is reported as such)
         finally:
             self._stack.close()
+
+    def open(self) -> None:
+        """Open the target (creating a missing or empty directory as a datastore)
+        and take its lock; refuses a target that is no datastore. Callers that
+        change the source first (a snapshot) call it before they do."""
+        if self.catalog is None:
+            catalog = target.open_target(self.target_dir)
+            self._stack.callback(catalog.close)
+            self._stack.enter_context(target.target_lock(catalog.dir))
+            target.remove_partials(catalog)
+            self.catalog = catalog
+
+    def check_disks(self, disks: list[str]) -> None:
+        """Refuse, before anything is done for them, disk names that are invalid,
+        given twice, or that the target has but cannot refresh (see add())."""
+        from vdisk_block.catalog import check_disk_name
+
+        for disk in disks:
+            check_disk_name(self.target_dir, disk)
+        if len(set(disks)) != len(disks):
+            raise ReplicateError(f"disk {next(d for d in disks if disks.count(d) > 1)!r} "
+                                 "is named twice")
+        self.open()
+        have = {r["name"] for r in self.catalog.disks()}
+        for disk in disks:
+            if disk in have:
+                target.check_refresh(self.catalog, disk)
 
     def add(self, source_top: str, disk: str | None = None) -> None:
         """Replicate the chain whose top is source_top (frozen or not written
         meanwhile: every image is read-locked while it is read); with ``disk``,
         the target gets a disk of that name: a new empty top on the copied chain.
+        A disk the target has already is refreshed: moved to that new top, its
+        old top removed, if the old top holds no data and the target is not
+        served (replica_target.check_refresh).
 
         Everything that can be refused is refused before the target is touched.
         """
@@ -315,15 +132,18 @@ class Session:
                 if os.path.realpath(f.path).startswith(inside):
                     raise ReplicateError(f"the target is the source datastore: {f.path} is "
                                          f"in {self.target_dir}")
-            catalog = self._open()
-            if disk is not None and (disk in self._disks or
-                                     any(r["name"] == disk for r in catalog.disks())):
+            self.open()
+            catalog = self.catalog
+            if disk is not None and disk in self._disks:
                 raise ReplicateError(f"disk {disk!r} already exists on {catalog.dir}")
+            replaces = None
+            if disk is not None and any(r["name"] == disk for r in catalog.disks()):
+                replaces = target.check_refresh(catalog, disk)
             top = layers[0]
-            job = _Job(os.path.abspath(source_top), disk,
+            job = Job(os.path.abspath(source_top), disk,
                        (top.size, top.cluster_bits,
                         top.identity.content_id if top.identity.valid else None),
-                       [], t0=t0)
+                       [], replaces=replaces, t0=t0)
             try:
                 self._jobs.append(job)
                 if disk is not None:
@@ -351,18 +171,9 @@ class Session:
             if self.catalog is not None:
                 # under the lock every temporary file is this session's: what a
                 # failure abandoned, or a copy cut short
-                _remove_partials(self.catalog)
+                target.remove_partials(self.catalog)
 
-    def _open(self) -> Any:
-        if self.catalog is None:
-            catalog = open_target(self.target_dir)
-            self._stack.callback(catalog.close)
-            self._stack.enter_context(_target_lock(catalog.dir))
-            _remove_partials(catalog)
-            self.catalog = catalog
-        return self.catalog
-
-    def _copy_chain(self, job: _Job, layers: list[Any]) -> None:
+    def _copy_chain(self, job: Job, layers: list[Any]) -> None:
         """Plan (copy the top; link at the first parent the target has), then copy
         bottom-up, each copy queued for the committer as soon as it is written."""
         from vdisk_block import identity, layercopy
@@ -371,9 +182,14 @@ class Session:
         catalog = self.catalog
         catalog.scan_images()
         tops = {os.path.realpath(catalog.abspath(r["top"])) for r in catalog.disks()}
+        # a layer may be linked only where the source chain below it is proven:
+        # else its parent may have changed since a copy of it was made
+        ids = [f.identity for f in layers]
         plan: list[tuple[Any, str | None]] = []         # (layer, image it links to)
+        proven: dict[int, bool] = {}                    # id(layer) -> chain below proven
         for i, f in enumerate(layers):
-            match = self._match(f, tops) if i > 0 else None
+            proven[id(f)] = identity.chain_proven(ids[i:])
+            match = self._match(f, tops) if i > 0 and proven[id(f)] else None
             plan.append((f, match))
             if match is not None:
                 break
@@ -405,23 +221,26 @@ class Session:
                                        progress=step, sync=False)
             assert res.fd is not None
             last = n == len(copies) - 1
+            layer = Layer(f.path, rel, "copied", res.bytes_moved,
+                          identity.format_id(f.identity.content_id), f.identity.state)
+            results.append(layer)
             # a disk's new top is created in the same directory right after the
             # copies, and syncs it: the last copy's rename needs no sync of its own
-            self._committer.submit(_Commit(res.fd, tmp, catalog.abspath(rel),
+            self._committer.submit(Commit(res.fd, tmp, catalog.abspath(rel),
                                            sync_dir=not last or job.disk is None,
-                                           job=job, last=last))
-            results.append(Layer(f.path, rel, "copied", res.bytes_moved,
-                                 identity.format_id(f.identity.content_id), f.identity.state))
-            if f.identity.valid:
+                                           job=job, last=last, layer=layer,
+                                           verify=self.verify))
+            if f.identity.valid and proven[id(f)]:
                 self._own.setdefault((f.identity.content_id, f.size), rel)
             below = rel
         job.results = results[::-1]
 
     def _match(self, f: Any, tops: set[str]) -> str | None:
-        """A copy this session made (committed or queued), else find_match."""
+        """For a layer whose source chain below is proven: a copy this session made
+        of such a layer (committed or queued), else find_match."""
         if f.identity.valid and (f.identity.content_id, f.size) in self._own:
             return self._own[(f.identity.content_id, f.size)]
-        return find_match(self.catalog, f, tops)
+        return target.find_match(self.catalog, f, tops)
 
     def _discard(self, reason: BaseException) -> None:
         """A copy differs from its source: it must never be linked to. Remove the
@@ -442,7 +261,7 @@ class Session:
         self.catalog.scan_images()
 
     def _target_names(self, copies: list[Any]) -> list[str]:
-        names = _target_names(self.catalog, copies, taken=self._names)
+        names = target.target_names(self.catalog, copies, taken=self._names)
         self._names.update(names)
         return names
 
@@ -460,26 +279,35 @@ class Session:
             self._committer.abort(e)
             raise
 
-    def _finish_job(self, job: _Job) -> None:
+    def _finish_job(self, job: Job) -> None:
         if not job.done.is_set():                   # only once the committer stopped
             raise ReplicateError(f"{job.source}: replicate stopped before its copies "
                                  "were all written")
         if job.error is not None:
+            if isinstance(job.error, VerifyMismatch):
+                self._discard(job.error)
             raise job.error
         self.catalog.scan_images()                  # the target learns the new images
-        if self.verify:                             # before a disk names the copies
+        if self.verify:
+            # the copies were verified before they were put in place; an image
+            # the target had, which the chain links to, is compared here,
+            # before a disk names it
             try:
-                _verify(self.catalog, job.results)
-            except ReplicateError as e:
+                _verify_linked(self.catalog, job.results)
+            except VerifyMismatch as e:
                 self._discard(e)
                 raise
         top_rel = job.results[0].image
-        if job.disk is not None:
-            top_rel = _add_disk(self.catalog, job.disk, job.top, job.results[0].image)
+        if job.replaces is not None:
+            assert job.disk is not None
+            top_rel = target.move_disk(self.catalog, job.disk, job.top, top_rel, job.replaces)
+        elif job.disk is not None:
+            top_rel = target.add_disk(self.catalog, job.disk, job.top, top_rel)
         results = job.results
         self.results.append({
             "source": job.source, "target": self.catalog.dir, "disk": job.disk,
-            "top": top_rel, "layers": [asdict(r) for r in results],
+            "top": top_rel, "previous_top": job.replaces,
+            "layers": [asdict(r) for r in results],
             "copied": sum(r.action == "copied" for r in results),
             "linked": sum(r.action == "linked" for r in results),
             "bytes_moved": sum(r.bytes_moved for r in results),
@@ -488,54 +316,29 @@ class Session:
         })
 
 
-def _target_names(catalog: Any, copies: list[Any], taken: set[str]) -> list[str]:
-    """Each copy keeps its source's file name where the target has none such,
-    else gets a fresh one; all distinct, none existing (nor being written, nor
-    ``taken``)."""
-    from vdisk_block.catalog import IMAGES, partial_name
+def check_source(top: str) -> None:
+    """Refuse a source chain that is not whole, or whose parent changed since its
+    child recorded it, from the headers alone (no locks: a served disk's top is
+    its server's). Session.add() opens the chain, locked, and checks it again;
+    this lets a caller refuse before it touches the target or the source."""
+    from vdisk_block import identity
+    from vdisk_block.chain import chain_paths
 
-    names: list[str] = []
-    for f in copies:
-        name = os.path.basename(f.path)
-        rel = os.path.join(IMAGES, name if name.endswith(".qcow2") else name + ".qcow2")
-        if rel in names or rel in taken or os.path.lexists(catalog.abspath(rel)) or \
-                os.path.lexists(catalog.abspath(partial_name(rel))):
-            # images/vm-20261124T232839-0.qcow2 -> vm-<now>-N.qcow2
-            stem = re.sub(r"-\d{8}T\d{6}-\d+$", "", rel[len(IMAGES) + 1: -len(".qcow2")])
-            rel = next(n for n in catalog.new_image_paths(stem, len(copies) + len(taken) + 1)
-                       if n not in names and n not in taken)
-        names.append(rel)
-    return names
+    paths = chain_paths(top)
+    ids = [identity.read(p)[1] for p in paths]
+    for i in range(len(paths) - 1):
+        identity.check_link(paths[i], ids[i], paths[i + 1], ids[i + 1])
 
 
-def _add_disk(catalog: Any, disk: str, source_top: tuple[int, int, bytes | None],
-              top_copy: str) -> str:
-    """A new empty top on the copied chain, and the disk naming it; source_top is
-    the source top's virtual size, cluster bits and (valid) content ID."""
-    from vdisk_block.catalog import partial_name
-    from vdisk_block.create import create_qcow2
-
-    size, cluster_bits, content_id = source_top
-    rel = catalog.new_image_path(disk)
-    path, tmp = catalog.abspath(rel), catalog.abspath(partial_name(rel))
-    create_qcow2(path, size, cluster_bits=cluster_bits,
-                 backing=os.path.basename(top_copy), backing_format="qcow2",
-                 parent_id=content_id, tmp=tmp)
-    try:
-        catalog.add_disk(disk, rel)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return rel
+def describe(e: BaseException) -> str:
+    """An error as one reason (an OSError names its file, as the CLI shows it)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
 
 
-def _verify(catalog: Any, results: list[Layer]) -> None:
-    """Each target image reads (through its chain) as its source does."""
+def _verify_linked(catalog: Any, results: list[Layer]) -> None:
     for r in results:
-        try:
-            qemu_img.compare(r.source, catalog.abspath(r.image), force_share=True)
-        except ContentMismatch:
-            r.verified = False
-            raise ReplicateError(f"verify: {r.image} on {catalog.dir} differs from "
-                                 f"{r.source}") from None
-        r.verified = True
+        if r.action == "linked":
+            path = catalog.abspath(r.image)
+            verify_copy(r, path, path)

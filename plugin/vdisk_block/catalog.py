@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from . import catalogdb
 from .errors import ImageError
+from .files import OwnedTemp, taken_names, temp_path
 
 DB_NAME = "vdisk.db"
 IMAGES = "images"
+# The catalog's format: raised only for a change older code would misread.
+# Added columns are not such a change: they go into _COLUMNS_ADDED.
 FORMAT_VERSION = "1"
 
 _SCHEMA = """
@@ -47,9 +52,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     started REAL NOT NULL,
     updated REAL NOT NULL,
-    target_id TEXT
+    target_id TEXT,
+    owner TEXT,
+    output TEXT,
+    temp TEXT
 );
 """
+
+# Columns added to a table after datastores were made without them: (table,
+# column, declaration), added when a writer opens the catalog (catalogdb).
+# The CREATE statement above has them too, for new datastores.
+_COLUMNS_ADDED: list[tuple[str, str, str]] = [
+    ("jobs", "target_id", "TEXT"),
+    ("jobs", "owner", "TEXT"),
+    ("jobs", "output", "TEXT"),
+    ("jobs", "temp", "TEXT"),
+]
 
 # What a scan of DIR/images learned from each file's header, keyed by what
 # notices a change of the file (inode, size, mtime, ctime): a later scan reads
@@ -72,6 +90,8 @@ PARTIAL_SUFFIX = ".partial"     # an image being written: never indexed, never m
 
 FINAL_STATES = ("done", "cancelled", "failed")
 
+_RESERVE_ATTEMPTS = 20
+
 
 class CatalogError(ImageError):
     template = "{path}: {reason}"
@@ -84,24 +104,27 @@ class Catalog:
         if not os.path.exists(db):
             raise CatalogError(self.dir, "not a vdisk datastore (no vdisk.db); "
                                "create one with 'vdisk datastore init'")
-        self._db = self._connect(db)
+        # a datastore this user cannot write is opened read-only: it can be
+        # looked at, and its schema changes wait for a writer
+        self.readonly = not catalogdb.writable(db)
+        self._db = self._connect(db, True) if self.readonly else self._connect(db)
         self._lock = threading.RLock()     # one connection, shared by the service's threads
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        if columns and "target_id" not in columns:      # a datastore made before it existed
-            try:
-                self._db.execute("ALTER TABLE jobs ADD COLUMN target_id TEXT")
-            except sqlite3.OperationalError as e:
-                if "duplicate column" not in str(e):    # another opener added it first
-                    raise
+        self._check_format()
+        if not self.readonly:
+            catalogdb.add_columns(self._db, _COLUMNS_ADDED)
         self.last_scan: dict[str, int] = {}
 
     @staticmethod
-    def _connect(path: str) -> sqlite3.Connection:
-        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+    def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
+        return catalogdb.connect(path, readonly)
+
+    def _check_format(self) -> None:
+        """Refuse a catalog written by a newer vdisk in a way this one would misread."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        found = row["value"] if row else FORMAT_VERSION
+        if not found.isdigit() or int(found) > int(FORMAT_VERSION):
+            raise CatalogError(self.dir, f"catalog format {found} is newer than this vdisk "
+                               f"reads (format {FORMAT_VERSION}); upgrade vdisk")
 
     @classmethod
     def init(cls, directory: str) -> Catalog:
@@ -150,19 +173,45 @@ class Catalog:
         """A fresh image name for a disk, relative to the datastore."""
         return self.new_image_paths(disk, 1)[0]
 
-    def new_image_paths(self, disk: str, count: int) -> list[str]:
-        """``count`` distinct fresh image names (relative), none of which exists yet
-        (nor as an image being written, ``.NAME.partial``)."""
-        base = os.path.join(IMAGES, f"{disk}-{time.strftime('%Y%m%dT%H%M%S')}")
+    def new_image_paths(self, disk: str, count: int, skip: Collection[str] = ()) -> list[str]:
+        """``count`` distinct fresh image names (relative), none of which exists
+        yet nor is reserved by a temporary ``.NAME.*`` (an image being written:
+        files.OwnedTemp, replicate's ``.partial``), nor is in ``skip``."""
+        base = f"{disk}-{time.strftime('%Y%m%dT%H%M%S')}"
+        taken = taken_names(self.abspath(IMAGES))
         names: list[str] = []
         n = 0
         while len(names) < count:
-            rel = f"{base}-{n}.qcow2"
-            if not any(os.path.lexists(self.abspath(p)) for p in
-                       (rel, partial_name(rel), partial_name(rel, ".creating"))):
+            name = f"{base}-{n}.qcow2"
+            rel = os.path.join(IMAGES, name)
+            if name not in taken and rel not in skip:
                 names.append(rel)
             n += 1
         return names
+
+    def reserve_image_paths(self, disk: str, count: int, suffix: str) -> list[OwnedTemp]:
+        """``count`` fresh image names, each reserved by an owned temporary
+        ``.NAME.SUFFIX`` created here (``OwnedTemp.final`` is the absolute name):
+        until the caller commits or discards them, no other writer picks those
+        names. A name another writer reserves or creates meanwhile is passed over."""
+        temps: list[OwnedTemp] = []
+        tried: set[str] = set()
+        try:
+            for _ in range(_RESERVE_ATTEMPTS):
+                for rel in self.new_image_paths(disk, count - len(temps), skip=tried):
+                    tried.add(rel)
+                    t = OwnedTemp.reserve(self.abspath(rel), suffix)
+                    if t is not None:
+                        temps.append(t)
+                if len(temps) == count:
+                    return temps
+            raise CatalogError(self.dir, f"could not reserve {count} new image names for "
+                               f"disk {disk!r}")
+        except BaseException:
+            for t in temps:
+                t.discard()
+                t.close()
+            raise
 
     # -- meta -----------------------------------------------------------------------
 
@@ -331,17 +380,26 @@ class Catalog:
         return [r["path"] for r in rows]
 
 
-def check_disk_name(where: str, name: str) -> None:
-    """A disk name is an export name and a file name stem: no '/', no leading '.'."""
-    if not name or "/" in name or name.startswith(".") or len(name) > 200:
+_NEW_DISK_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]{0,63}")
+NEW_DISK_NAME_RULE = ("letters, digits, '.', '_', '-' and '+', at most 64 characters, "
+                      "not starting with '-' or '.'")
+
+
+def check_disk_name(where: str, name: str, *, new: bool = True) -> None:
+    """A disk name is an export name (in NBD URIs) and a file name stem. A new
+    disk's name must follow NEW_DISK_NAME_RULE; ``new=False`` accepts the names
+    older versions allowed (no '/', no leading '.'), so their disks stay usable."""
+    if new:
+        if _NEW_DISK_NAME.fullmatch(name) is None:
+            raise CatalogError(where, f"invalid disk name {name!r}: use {NEW_DISK_NAME_RULE}")
+    elif not name or "/" in name or name.startswith(".") or len(name) > 200:
         raise CatalogError(where, f"invalid disk name {name!r}")
 
 
 def partial_name(rel: str, suffix: str = PARTIAL_SUFFIX) -> str:
     """Where an image is written before it becomes visible under ``rel``
     (``.creating``: create.create_qcow2's temporary name)."""
-    head, tail = os.path.split(rel)
-    return os.path.join(head, f".{tail}{suffix}")
+    return temp_path(rel, suffix)
 
 
 @contextmanager

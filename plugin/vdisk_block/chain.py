@@ -12,7 +12,7 @@ import os
 
 from .clustermap import MAX_LAYERS as MAX_DEPTH
 from .disk import Disk
-from .errors import ChainError, UnsupportedImage
+from .errors import ChainError, ImageError, UnsupportedImage
 from .identity import check_link
 from .image import Qcow2File, RawFile, open_image
 
@@ -71,31 +71,37 @@ def open_disk(path: str, readonly: bool = False) -> Disk:
         raise
 
 
-def chain_paths(path: str) -> list[str]:
+def chain_paths(path: str, partial: bool = False) -> list[str]:
     """Paths of the chain whose top is path, top first, read from the headers only.
 
     Takes no locks and opens nothing for long: for looking at chains that
-    someone else (this process included) may be serving.
+    someone else (this process included) may be serving. With ``partial``, a
+    broken chain (a missing or unreadable image, a loop) gives the images
+    that exist down to the break instead of an error.
     """
     from . import header as hdr
     out: list[str] = []
     current: str | None = os.path.abspath(path)
-    while current is not None:
-        if current in out or len(out) >= MAX_DEPTH:
-            raise ChainError(out[-1], f"backing loop: {current} is already in the chain",
-                             errno=40)
-        out.append(current)
-        try:
-            fd = os.open(current, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if len(out) == 1:
-                raise ChainError(current, "image not found") from None
-            raise ChainError(out[-2], f"backing file {current} not found") from None
-        try:
-            if os.pread(fd, 4, 0) != hdr.MAGIC:
-                break
-            h = hdr.parse_header(fd, current)
-        finally:
-            os.close(fd)
-        current = resolve_backing(current, h.backing_file) if h.backing_file else None
+    try:
+        while current is not None:
+            if current in out or len(out) >= MAX_DEPTH:
+                raise ChainError(out[-1], f"backing loop: {current} is already in the chain",
+                                 errno=40)
+            try:
+                fd = os.open(current, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if not out:
+                    raise ChainError(current, "image not found") from None
+                raise ChainError(out[-1], f"backing file {current} not found") from None
+            out.append(current)
+            try:
+                if os.pread(fd, 4, 0) != hdr.MAGIC:
+                    break
+                h = hdr.parse_header(fd, current)
+            finally:
+                os.close(fd)
+            current = resolve_backing(current, h.backing_file) if h.backing_file else None
+    except (ImageError, OSError):
+        if not partial:
+            raise
     return out

@@ -13,11 +13,11 @@ import os
 from collections.abc import Callable
 
 from . import locking
-from .clustermap import LAYER_SHIFT, MAX_LAYERS
+from .clustermap import MAX_LAYERS
 from .create import create_qcow2
 from .disk import Disk
 from .errors import RequestError
-from .image import Qcow2File
+from .image import Qcow2File, RawFile
 from .top import TopImage
 
 Persist = Callable[[str], None]
@@ -59,21 +59,15 @@ def snapshot(disk: Disk, new_path: str, persist: Persist | None = None) -> None:
             raise
         locking.lock_for_read(old.fd, old.path)
         old.file_size = os.fstat(old.fd).st_size      # it grew while it was the top
-        disk.layers.insert(0, f)
-        disk._fds.append(f.fd)
-        disk.limits.append(disk.size)
-        disk.top = new_top
-        disk.top_tag = len(disk.layers) << LAYER_SHIFT
-        disk.path = f.path
+        disk.drain_reads()
         disk.map.freeze_backing()
+        disk.set_chain([f, *disk.layers], disk.map, new_top)
 
 
-def adopt(disk: Disk, other: Disk) -> list[Qcow2File]:
-    """Make disk serve other's chain; return disk's layers that other does not use."""
+def adopt(disk: Disk, other: Disk) -> list[Qcow2File | RawFile]:
+    """Make disk serve other's chain (caller holds disk's lock, reads drained);
+    return disk's layers that other does not use."""
     keep = {id(f) for f in other.layers}
     dropped = [f for f in disk.layers if id(f) not in keep]
-    for name in ("layers", "path", "map", "_fds", "limits", "top", "top_tag",
-                 "cluster_size"):
-        setattr(disk, name, getattr(other, name))
-    disk._zcache = None
-    return dropped  # type: ignore[return-value]
+    disk.set_chain(other.layers, other.map, other.top)
+    return dropped

@@ -179,6 +179,16 @@ class ClusterMap:
             for t in range(end - first):
                 self.set(first + t, tag | (host + t * self.g))
 
+    def retarget(self, first: int, end: int, tag: int, e: int) -> None:
+        """Slots [first, end) that read layer ``tag`` now read the cluster of
+        L2 entry e of that layer (which moved it: copy-on-write); other slots,
+        served by a layer above, stay. e is a data cluster, or zeros."""
+        assert not e & COMPRESSED
+        host = e & OFFSET_MASK if not e & ZERO_FLAG else 0
+        for s in range(first, end):
+            if self.get(s) >> LAYER_SHIFT == tag >> LAYER_SHIFT:
+                self.set(s, tag | (host + (s - first) * self.g) if host else ZERO)
+
     def freeze_backing(self) -> None:
         """Remember which slots the backing chain (everything below the top) holds."""
         self.backing = [None if c is None else array("Q", c) for c in self.chunks]

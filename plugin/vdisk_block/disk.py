@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from .clustermap import (
@@ -53,42 +54,59 @@ def _in_place(e: int) -> bool:
 
 class Disk:
     def __init__(self, layers: list[Qcow2File | RawFile], readonly: bool) -> None:
-        self.layers = layers                  # top first
-        self.path = layers[0].path
         self.readonly = readonly
-        self.size = layers[0].size
+        size = layers[0].size
         sizes = [f.cluster_size for f in layers if f.cluster_size]
-        self.map = ClusterMap(self.size, min(sizes) if sizes else 65536, self.path)
-        self._g = self.map.g                  # a power of two, fixed for the disk's life
+        cmap = ClusterMap(size, min(sizes) if sizes else 65536, layers[0].path)
+        for j in range(len(layers) - 1):
+            cmap.apply_layer(j, layers[-1 - j])
+        cmap.freeze_backing()
+        top: TopImage | None = None
+        if not readonly:
+            assert isinstance(layers[0], Qcow2File)
+            top = TopImage(layers[0])
+        tables = None if top is None else [(i, 0, l2) for i, l2 in top.l2.items()]
+        cmap.apply_layer(len(layers) - 1, layers[0], tables)
+        self.lock = threading.RLock()
+        # reads running outside the disk lock (concurrent_reads): counted under
+        # their own lock, so that a drain can wait for them while it keeps the
+        # disk lock (and with it every new request) to itself
+        self._inflight_lock = threading.Lock()
+        self._idle = threading.Condition(self._inflight_lock)
+        self._inflight = 0
+        self.concurrent_reads = False     # set when nbdkit runs requests in parallel
+        self.job: MirrorHooks | None = None
+        # told of every move of a top cluster (c, new L2 entry): a consolidation
+        # target whose clusters another disk's map reads directly
+        self.on_remap: Callable[[int, int], None] | None = None
+        self.set_chain(layers, cmap, top)
+
+    def set_chain(self, layers: list[Qcow2File | RawFile], cmap: ClusterMap,
+                  top: TopImage | None) -> None:
+        """Serve this chain (top first) through this map and writable top.
+
+        The one place a disk's chain changes (open, snapshot, pivot): every
+        field derived from the chain is rebuilt here. Called under the lock,
+        with no read in flight outside it (drain_reads).
+        """
+        self.layers = layers
+        self.path = layers[0].path
+        self.size = layers[0].size
+        self.map = cmap
+        self._g = cmap.g                      # a power of two
         self._gbits = self._g.bit_length() - 1
         self._gmask = self._g - 1
         # per layer id (0 = base): descriptor and the end of its visible data
-        self._fds: list[int] = []
-        self.limits: list[int] = []
+        self._fds = [f.fd for f in reversed(layers)]
+        self.limits = []
         limit = self.size
         for f in layers:
             limit = min(limit, f.size)
             self.limits.insert(0, limit)
-            self._fds.insert(0, f.fd)
-        for j in range(len(layers) - 1):
-            self.map.apply_layer(j, layers[-1 - j])
-        self.map.freeze_backing()
-        self.top: TopImage | None = None
-        if not readonly:
-            assert isinstance(layers[0], Qcow2File)
-            self.top = TopImage(layers[0])
+        self.top = top
         self.top_tag = len(layers) << LAYER_SHIFT
-        tables = None if self.top is None else \
-            [(i, 0, l2) for i, l2 in self.top.l2.items()]
-        self.map.apply_layer(len(layers) - 1, layers[0], tables)
-        self.cluster_size = layers[0].cluster_size or self.map.g
-        self.lock = threading.RLock()
-        self._idle = threading.Condition(self.lock)
-        self._inflight = 0
-        self._draining = False
-        self.concurrent_reads = False     # set when nbdkit runs requests in parallel
+        self.cluster_size = layers[0].cluster_size or cmap.g
         self._zcache: tuple[int, bytes] | None = None
-        self.job: MirrorHooks | None = None
 
     def layer(self, e: int) -> Qcow2File | RawFile:
         """The file a map entry points into."""
@@ -170,14 +188,15 @@ class Disk:
                                 return
                             fd = -1
                         else:
-                            self._inflight += 1
+                            with self._inflight_lock:
+                                self._inflight += 1
             if fd >= 0:
                 try:
                     got = os.preadv(fd, [buf], (e & PAYLOAD_MASK) + within)
                 finally:
-                    with self.lock:
+                    with self._inflight_lock:
                         self._inflight -= 1
-                        if self._draining:
+                        if not self._inflight:
                             self._idle.notify_all()
                 if got == n:
                     return
@@ -187,12 +206,11 @@ class Disk:
             self._read(mv, offset)
 
     def drain_reads(self, timeout: float = 30.0) -> None:
-        """Wait (holding the lock) until no read runs outside it, before closing files."""
-        self._draining = True
-        try:
+        """Wait until no read runs outside the lock, before a descriptor is closed
+        or the chain changes. The caller holds the disk lock and keeps it: no new
+        request of any kind starts meanwhile (a barrier, not a pause)."""
+        with self._idle:
             done = self._idle.wait_for(lambda: not self._inflight, timeout)
-        finally:
-            self._draining = False
         if not done:
             raise RequestError(self.path, f"reads still in flight after {timeout} s")
 
@@ -305,6 +323,8 @@ class Disk:
         first = c * per
         end = min(first + per, self.map.nslots)
         self.map.set_cluster(first, per, self.top_tag, new if new & ~COPIED else ZERO_FLAG, end)
+        if self.on_remap is not None:
+            self.on_remap(c, new)
 
     def _full_clusters(self, top: TopImage, length: int, offset: int) -> tuple[int, int]:
         """[first, end) of the clusters that [offset, offset + length) covers whole.

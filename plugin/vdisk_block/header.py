@@ -28,7 +28,18 @@ V3_HEADER_LENGTH = 104
 MAX_L1_BYTES = 32 << 20          # QEMU's own limit on the L1 table
 MAX_REFTABLE_BYTES = 8 << 20     # ... and on the refcount table
 MAX_BACKING_NAME = 1023
-MAX_VIRTUAL_SIZE = 1 << 55       # offsets in L2 entries are below 2**56
+
+
+def max_virtual_size(cluster_bits: int) -> int:
+    """The largest virtual size of an image with this cluster size: what its
+    largest L1 table maps (qemu-img 7.2 creates exactly this much, and refuses
+    512 bytes more): 128 GiB at 512-byte clusters, 8 TiB at 4 KiB, 2 PiB at
+    64 KiB, 2 EiB at 2 MiB."""
+    cs = 1 << cluster_bits
+    return MAX_L1_BYTES // 8 * cs * (cs // 8)
+
+
+MAX_VIRTUAL_SIZE = max_virtual_size(21)     # at the largest cluster size
 
 # incompatible feature bits
 INCOMPAT_DIRTY = 1 << 0

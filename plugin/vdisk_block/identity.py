@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import header as hdr
@@ -211,6 +212,19 @@ def parent_mismatch(child: Identity, parent: Identity) -> str | None:
         return (f"its content ID is {format_id(parent.content_id)}, the child recorded "
                 f"{format_id(child.parent_id)}")
     return None
+
+
+def link_proven(child: Identity, parent: Identity) -> bool:
+    """Whether the link child -> parent is proven: the child's identity is valid and
+    records, as its parent ID, the parent's current valid content ID."""
+    return child.valid and parent.valid and child.parent_id == parent.content_id
+
+
+def chain_proven(chain: Sequence[Identity]) -> bool:
+    """Whether every link of a chain (top first, down to its base, which has no
+    backing file and needs nothing) is proven: the chain then reads as it did
+    when its top's content ID was given."""
+    return all(link_proven(c, p) for c, p in zip(chain, chain[1:], strict=False))
 
 
 def check_link(child_path: str, child: Identity, parent_path: str, parent: Identity) -> None:

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from . import identity as ident
 from . import locking
 from .chainops import Persist, adopt, relative_backing
+from .clustermap import LAYER_SHIFT
 from .create import create_qcow2
 from .disk import Disk
 from .errors import RequestError
@@ -187,6 +188,10 @@ class MirrorJob:
         # service's recovery records it, if the target still has that ID.
         top, child = target.top, disk.layers[self.collapse - 1]
         assert top is not None
+        # the served map reads this image's clusters directly: where the
+        # target moves a cluster (copy-on-write), the map must follow before
+        # the old place can be freed and reused
+        target.on_remap = self._remap
         before = top.f.identity
         fresh = ident.new_id()
         try:
@@ -245,6 +250,21 @@ class MirrorJob:
             with disk.lock:
                 self._fail(e)
 
+    def _remap(self, cluster: int, entry: int) -> None:
+        """Into mode, under the disk lock: the target's cluster now is entry.
+
+        Slots of the served map that read that cluster from the target image
+        (compressed or data, where the layers above hold nothing) move with
+        it, so the old host cluster is referenced by nobody once the target
+        frees it at its next flush, and may be reused.
+        """
+        disk, target = self.disk, self._target
+        assert target is not None and target.top is not None
+        per = target.top.cs // disk.map.g
+        first = cluster * per
+        tag = (len(disk.layers) - self.collapse) << LAYER_SHIFT
+        disk.map.retarget(first, min(first + per, disk.map.nslots), tag, entry)
+
     def mirror_write(self, data: memoryview, offset: int) -> None:
         """Called under the disk lock after the top took the write."""
         self._mirror(offset, len(data), lambda t: t.write(data, offset))
@@ -279,13 +299,16 @@ class MirrorJob:
             target = self._target
             assert target is not None
             try:
+                # a barrier first: the disk lock stays held from here to the
+                # switch, so no request (nor a read outside the lock) runs
+                # between the last flush of the target and the new chain
+                disk.drain_reads()
                 target.flush()
                 if persist is not None:
                     persist(self.target_path)
             except Exception as e:
                 self._fail(e)
                 raise
-            disk.drain_reads()
             dropped = adopt(disk, target)
             disk.job = None
             for f in dropped:

@@ -13,7 +13,7 @@ from array import array
 
 from . import header as hdr
 from . import identity as ident
-from .errors import MalformedImage, UnsupportedImage
+from .errors import ImageError, MalformedImage, UnsupportedImage
 from .image import COMPRESSED, COPIED, OFFSET_MASK, Qcow2File
 from .refcounts import Refcounts
 
@@ -116,7 +116,14 @@ class TopImage:
             self.refresh_identity()
 
     def refresh_identity(self, content_id: bytes | None = None) -> None:
-        """Give the image a fresh content ID, durably, keeping its recorded parent.
+        """Give the image a fresh content ID, durably, recording its backing
+        file's current content ID as the parent ID (none if that is not valid).
+
+        The fresh ID names the image's data over its backing file as it is now,
+        whatever the image recorded before (a chain that opened has recorded
+        that ID already, if any): an image another writer changed, or one that
+        recorded no parent ID, is thus tied to its parent again, and a later
+        change of the parent is refused by the chain check.
 
         Like QEMU, a writer that does not maintain an autoclear feature (dirty
         bitmaps, ...) clears its bit; vdisk's own identity bit is set. An image
@@ -125,7 +132,7 @@ class TopImage:
         """
         f, h = self.f, self.f.header
         if h.version >= 3:
-            parent = f.identity.parent_id if f.identity.valid else None
+            parent = self._parent_content_id()
             try:
                 f.identity = ident.write(self.fd, self.path, h, content_id or ident.new_id(),
                                          parent, autoclear=0)
@@ -136,6 +143,18 @@ class TopImage:
                     h.autoclear = 0
                 f.identity = ident.of_header(h)
         self._fresh_id_pending = False
+
+    def _parent_content_id(self) -> bytes | None:
+        """The backing file's content ID, read from its header now, if it is valid.
+        (The chain holds the backing file read-locked: nobody else writes it.)"""
+        if not self.f.backing_file:
+            return None
+        from .chain import resolve_backing  # (chain imports this module)
+        try:
+            _h, parent = ident.read(resolve_backing(self.path, self.f.backing_file))
+        except (OSError, ImageError):
+            return None
+        return parent.content_id if parent.valid else None
 
     def identity_for_child(self) -> bytes | None:
         """The content ID a child created now records: the current one, or a

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cliharness import Datastore, MiB, chain_length, run_vdisk
+from cliharness import CLI, Datastore, MiB, Result, chain_length, run_vdisk
 
 from vdisk import qemu_img, qemu_io
+
+PiB = 1 << 50
 
 
 def test_datastore_init_is_idempotent(tmp_path: Path) -> None:
@@ -30,6 +38,144 @@ def test_disk_create(datastore: Datastore) -> None:
 
     human = datastore.vdisk("disk", "create", "vm2", "--size", "512M").stdout
     assert human.startswith("created disk vm2 (512.0 MiB)")
+
+
+@pytest.mark.parametrize("size", ["4P", "3P", "100P", "8E", "99999999999E", "2049T"])
+def test_disk_create_refuses_sizes_no_image_can_have(datastore: Datastore, size: str) -> None:
+    """qemu-img 7.2 creates 2 PiB with 64 KiB clusters and refuses 512 bytes more."""
+    result = datastore.vdisk("disk", "create", "big", "--size", size, check=False)
+    assert result.returncode == 1
+    assert result.error_line().endswith(
+        "is too large: a qcow2 image with 64.0 KiB clusters holds at most 2.0 PiB "
+        f"({2 * PiB} bytes)")
+    assert datastore.images() == [] and datastore.json("disk", "list")["disks"] == []
+
+
+@pytest.mark.parametrize("size", ["1e5", "0x100", "-1G", "0", "1.1k", "1G1", "9" * 40, "1 G B",
+                                  "nan", "inf", "1.5", "9" * 400 + ".5G"],
+                         ids=lambda s: s[:12])
+def test_disk_create_refuses_sizes_it_cannot_read(datastore: Datastore, size: str) -> None:
+    result = datastore.vdisk("disk", "create", "bad", f"--size={size}", check=False)
+    assert result.returncode == 2
+    assert result.error_line().startswith(f"argument --size: invalid size {size!r}")
+
+
+def test_disk_create_of_the_largest_size(datastore: Datastore) -> None:
+    out = datastore.json("disk", "create", "big", "--size", "2P")
+    top = datastore.path / out["top"]
+    assert qemu_img.info(top)["virtual-size"] == 2 * PiB
+    qemu_img.check_clean(top, allow_leaks=False)
+
+
+@pytest.mark.parametrize("name", ["a\nb", "a b", ".hidden", "x" * 65, "vm/1", "vm?export=x",
+                                  "\u00e9t\u00e9"])
+def test_disk_names_are_checked(datastore: Datastore, tmp_path: Path, name: str) -> None:
+    image = tmp_path / "src.qcow2"
+    qemu_img.create(image, "qcow2", MiB)
+    for command in (["disk", "create", name, "--size", "1M"], ["disk", "import", name, image]):
+        result = datastore.vdisk(*command, check=False)
+        assert result.returncode == 1
+        assert result.error_line().endswith(
+            f"invalid disk name {name!r}: use letters, digits, '.', '_', '-' and '+', "
+            "at most 64 characters, not starting with '-' or '.'")
+    assert datastore.images() == []
+    assert datastore.json("disk", "create", "Vm_1.2+b-3", "--size", "1M")["disk"] == "Vm_1.2+b-3"
+
+
+def add_old_disk(ds: Path, name: str) -> str:
+    """A disk an older vdisk made, whose name the current rule refuses."""
+    rel = "images/old.qcow2"
+    qemu_img.create(ds / rel, "qcow2", MiB)
+    with sqlite3.connect(ds / "vdisk.db") as db:
+        db.execute("INSERT INTO disks VALUES (?, ?, 0)", (name, rel))
+    db.close()
+    return rel
+
+
+def test_disks_with_old_style_names_stay_usable(datastore: Datastore) -> None:
+    rel = add_old_disk(datastore.path, "old disk")
+    assert datastore.disk("old disk")["chain"] == [rel]
+    datastore.vdisk("snapshot", "old disk")
+    assert len(datastore.disk("old disk")["chain"]) == 2
+
+
+def test_a_newer_catalog_format_is_refused(datastore: Datastore) -> None:
+    with sqlite3.connect(datastore.path / "vdisk.db") as db:
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'format'")
+    db.close()
+    result = datastore.vdisk("disk", "list", check=False)
+    assert result.returncode == 1
+    assert result.error_line().endswith("catalog format 2 is newer than this vdisk reads "
+                                        "(format 1); upgrade vdisk")
+
+
+OLD_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE disks (name TEXT PRIMARY KEY, top TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, disk TEXT NOT NULL,
+    kind TEXT NOT NULL, state TEXT NOT NULL, target TEXT,
+    new_image INTEGER NOT NULL DEFAULT 0, collapse INTEGER, top_before TEXT,
+    top_after TEXT, dropped TEXT NOT NULL DEFAULT '[]', stats TEXT NOT NULL DEFAULT '{}',
+    error TEXT, started REAL NOT NULL, updated REAL NOT NULL);
+INSERT INTO meta VALUES ('format', '1');
+"""
+
+
+@pytest.fixture
+def old_datastore() -> Iterator[Path]:
+    """A datastore an older vdisk made (jobs without target_id), in a directory
+    another user may enter."""
+    top = Path(tempfile.mkdtemp(prefix="vdisk-ro-"))
+    top.chmod(0o755)
+    ds = top / "ds"
+    (ds / "images").mkdir(parents=True)
+    with sqlite3.connect(ds / "vdisk.db") as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(OLD_SCHEMA)
+    db.close()
+    add_old_disk(ds, "vm1")
+    try:
+        yield ds
+    finally:
+        for p in (ds, ds / "images"):
+            p.chmod(0o755)
+        shutil.rmtree(top)
+
+
+def run_as_reader(ds: Path, *args: str) -> Result:
+    """vdisk as a user who cannot write ds: another user when we are root."""
+    for p in (ds, ds / "images"):
+        p.chmod(0o555)
+    (ds / "vdisk.db").chmod(0o444)
+    become = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+        if os.geteuid() == 0 else []
+    cp = subprocess.run([*become, *CLI, *args, "-d", str(ds)], stdin=subprocess.DEVNULL,
+                        capture_output=True, text=True, timeout=60, check=False)
+    return Result(cp.returncode, cp.stdout, cp.stderr)
+
+
+def jobs_columns(ds: Path) -> set[str]:
+    with sqlite3.connect(ds / "vdisk.db") as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    db.close()
+    return columns
+
+
+def test_a_writer_adds_the_columns_an_old_datastore_lacks(old_datastore: Path) -> None:
+    assert "target_id" not in jobs_columns(old_datastore)
+    run_vdisk("disk", "list", "-d", old_datastore)
+    assert "target_id" in jobs_columns(old_datastore)
+
+
+def test_a_read_only_datastore_can_be_looked_at(old_datastore: Path) -> None:
+    """Its schema is older (jobs without target_id): adding the column waits for
+    a writer."""
+    listed = run_as_reader(old_datastore, "disk", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [d["name"] for d in listed.json()["disks"]] == ["vm1"]
+    info = run_as_reader(old_datastore, "disk", "info", "vm1", "--json")
+    assert info.returncode == 0 and info.json()["chain"] == ["images/old.qcow2"], info.stderr
+    assert "target_id" not in jobs_columns(old_datastore)
 
 
 def test_disk_list_and_info(datastore: Datastore) -> None:

@@ -12,7 +12,8 @@ the command changes. Points:
     renamed:N     just after the Nth copy was renamed into place
     creating      the disk's new top written under its .partial name, not linked
     add-disk      the disk's new top in place, the catalog not told yet
-    verify        --verify comparing the first image (the disk already added)
+    verify:N      --verify comparing the Nth image (default the first): a copy is
+                  compared under its .partial name, before it is renamed
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ def main() -> int:
         qemu_img,
     )
     from vdisk.cli import main as vdisk_main
-    from vdisk_block import layercopy
+    from vdisk_block import files, layercopy
     from vdisk_block.catalog import Catalog
 
     kind, _, nth = point.partition(":")
     n = int(nth) if nth else 0
-    count = {"copy": 0, "rename": 0}
+    count = {"copy": 0, "rename": 0, "compare": 0}
 
     if kind == "target-init":
         connect = Catalog._connect
@@ -73,25 +74,27 @@ def main() -> int:
 
         layercopy.copy_layer = counted_copy
     elif kind == "renamed":
-        rename = os.rename
+        rename = files.rename_noreplace
 
-        def counted_rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-            rename(src, dst, *args, **kwargs)
+        def counted_rename(src: Any, dst: Any) -> None:
+            rename(src, dst)
             if str(src).endswith(".partial"):
                 count["rename"] += 1
                 if count["rename"] == n:
                     pause()
 
-        os.rename = counted_rename
+        files.rename_noreplace = counted_rename
     elif kind == "creating":
-        link = os.link
+        from vdisk_block.files import OwnedTemp
 
-        def paused_link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-            if str(src).endswith(".partial"):      # create_qcow2(tmp=...) links it
+        commit = OwnedTemp.commit
+
+        def paused_commit(self: OwnedTemp) -> None:
+            if self.path.endswith(".partial"):     # create_qcow2(tmp=...) renames it
                 pause()
-            link(src, dst, *args, **kwargs)
+            commit(self)
 
-        os.link = paused_link
+        OwnedTemp.commit = paused_commit        # type: ignore[method-assign]
     elif kind == "add-disk":
         add_disk = Catalog.add_disk
 
@@ -101,8 +104,13 @@ def main() -> int:
 
         Catalog.add_disk = paused_add_disk      # type: ignore[method-assign]
     elif kind == "verify":
+        compare = qemu_img.compare
+
         def paused_compare(*args: Any, **kwargs: Any) -> None:
-            pause()
+            count["compare"] += 1
+            if count["compare"] == max(n, 1):
+                pause()
+            compare(*args, **kwargs)
 
         qemu_img.compare = paused_compare
     else:

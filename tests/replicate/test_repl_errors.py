@@ -14,7 +14,6 @@ from replharness import (
     content_id,
     identity_of,
     qemu_io,
-    replicate,
     tree,
     vdisk,
 )
@@ -70,15 +69,6 @@ def test_image_onto_its_own_datastore(source: Source) -> None:
     line = refused(source.images["vm1"], "--to", source.path)
     assert "source datastore" in line
     assert tree(source.path / "images") == before
-
-
-def test_disk_name_taken_on_target(source: Source, target: Path) -> None:
-    replicate("vm1", "-d", source.path, "--to", target)
-    before = tree(target / "images")
-    for args in (("vm1", "-d", source.path), ("vm2", "-d", source.path, "--name", "vm1")):
-        line = refused(*args, "--to", target)
-        assert "'vm1' already exists" in line
-        assert tree(target / "images") == before
 
 
 @pytest.mark.parametrize("name", ["bad/name", ".hidden"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cliharness import Datastore, MiB, Serve, connect, run_vdisk
+from cliharness import Datastore, MiB, Serve, connect
 from nbdharness import pattern, read_all
 from replharness import (
     Source,
@@ -72,13 +72,3 @@ def test_served_disk_replicated_again_copies_only_the_new_delta(
     served_target = serve_ds(Datastore(target))
     with connect(served_target.uri("vm1-later")) as t:
         assert read_all(t) == final
-
-
-def test_served_disk_is_not_snapshotted_for_a_name_the_target_has(
-        source: Source, target: Path, serve_ds: Serve) -> None:
-    replicate("vm2", "-d", source.path, "--to", target)
-    serve_ds(source.ds)
-    chain_before = source.ds.disk("vm2")["chain"]
-    r = run_vdisk("replicate", "vm2", "-d", source.path, "--to", target, check=False)
-    assert r.returncode == 1 and "'vm2' already exists" in r.stderr
-    assert source.ds.disk("vm2")["chain"] == chain_before      # no snapshot was taken

@@ -35,6 +35,7 @@ from replharness import (
 from test_repl_kill import PAUSE, run_then_kill
 
 from vdisk import replicate as repl
+from vdisk_block import files
 from vdisk_block.catalog import Catalog
 
 
@@ -71,14 +72,14 @@ def test_later_chain_links_to_a_copy_not_yet_in_place(source: Source, target: Pa
     base vm1's chain copied, which is still under its temporary name; both end
     whole and the base is copied once."""
     release = threading.Event()
-    rename = os.rename
+    rename = files.rename_noreplace
 
     def held_rename(src: Any, dst: Any) -> None:
         if threading.current_thread().name == "replicate-commit":
             assert release.wait(30), "never released"
         rename(src, dst)
 
-    monkeypatch.setattr(os, "rename", held_rename)
+    monkeypatch.setattr(files, "rename_noreplace", held_rename)
     with repl.Session(str(target)) as session:
         try:
             session.add(str(source.top("vm1")), disk="vm1")
@@ -162,7 +163,7 @@ def test_failure_finishing_a_disk_stops_the_ones_after(source: Source, target: P
 
     def mismatch_first(a: Any, b: Any, **kw: Any) -> None:
         calls.append(str(a))
-        if len(calls) == 1:                 # vm1's top; vm2 would compare equal
+        if str(a) == str(source.top("vm1")):        # vm2 would compare equal
             raise ContentMismatch(["qemu-img", "compare", str(a), str(b)], 1, "", "differ")
         compare(a, b, **kw)
 
@@ -223,3 +224,58 @@ def test_kill_between_chains_then_rerun(source: Source, target: Path, tmp_path: 
     ids = [content_id(p) for p in visible_images(target)]
     for layer in ("base", "mid"):
         assert ids.count(content_id(source.images[layer])) == 1, layer
+
+
+def test_a_failure_finishing_an_earlier_disk_is_reported_with_the_later_one(
+        source: Source, target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vm1's copies are queued; the committer is held until vm2's copy has failed
+    (an L2 entry past the end of its top), then vm1's first sync fails (EIO)
+    while the session is finished: the error names both failures, vm1's first,
+    and neither disk is added."""
+    point_l2_entry_past_eof(source.top("vm2"), MiB)
+    release = threading.Event()
+    fsync = os.fsync
+
+    def held_failing_fsync(fd: int) -> None:
+        if threading.current_thread().name == "replicate-commit":
+            assert release.wait(30), "never released"
+            raise OSError(errno.EIO, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", held_failing_fsync)
+    with pytest.raises(repl.ReplicateError) as failed, repl.Session(str(target)) as session:
+        session.add(str(source.top("vm1")), disk="vm1")
+        try:
+            session.add(str(source.top("vm2")), disk="vm2")
+        finally:
+            release.set()
+    message = str(failed.value)
+    assert "Input/output error" in message and "outside" in message, message
+    assert message.index("Input/output error") < message.index("outside")
+    assert str(source.top("vm2").name) in message
+    assert disks_on(target) == []
+    assert visible_images(target) == [] and hidden_files(target) == []
+
+
+def test_a_verify_that_cannot_compare_leaves_no_unverified_copy(
+        source: Source, target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compare of vm1's top copy fails otherwise than by a mismatch (qemu-img
+    exits 2): that copy is never put in place, so nothing unverified is left
+    for a later run to link to; the copies below it, compared equal, stay."""
+    from vdisk.errors import QemuImgError
+
+    compare = repl.qemu_img.compare
+
+    def broken_on_top(a: Any, b: Any, **kw: Any) -> None:
+        if str(a) == str(source.top("vm1")):
+            raise QemuImgError(["qemu-img", "compare", str(a), str(b)], 2, "", "I/O error")
+        compare(a, b, **kw)
+
+    monkeypatch.setattr(repl.qemu_img, "compare", broken_on_top)
+    with pytest.raises(QemuImgError), repl.Session(str(target), verify=True) as session:
+        session.add(str(source.top("vm1")), disk="vm1")
+    assert disks_on(target) == [] and hidden_files(target) == []
+    assert sorted(content_id(p) for p in visible_images(target)) == \
+        sorted(content_id(source.images[n]) for n in ("base", "mid"))
+    for image in visible_images(target):
+        assert_chain_opens(image)

@@ -349,8 +349,9 @@ def test_reader_rules(tmp_path: Path, change: str, state: str) -> None:
         assert got.parent_id == (None if change == "flags 0" else pid)
     vdisk_write(img, b"\x71" * 512, 0)          # a writer rewrites version 1
     after = identity_of(img)
-    assert after.valid and raw_extension(img)[0] == 1
-    assert after.parent_id == (pid if change == "reserved flag" else None)
+    # no backing file: the fresh ID records no parent, and no reserved flag
+    assert after.valid and raw_extension(img)[:2] == (1, 0)
+    assert after.parent_id is None
 
 
 # -- snapshots and chains ---------------------------------------------------------------------
@@ -453,6 +454,34 @@ def test_a_child_that_recorded_no_parent_opens(tmp_path: Path) -> None:
     got = identity_of(child)
     assert got.valid and got.parent_id is None
     open_chain(str(child), readonly=True)[0].close()
+
+
+@pytest.mark.parametrize("lost", ["check-r-leaks", "qemu-io-write", "never-recorded"])
+def test_a_vdisk_write_ties_the_image_to_its_parent_again(tmp_path: Path, lost: str) -> None:
+    """An image whose link to its parent is not recorded (another writer cleared its
+    identity bit, or it was made without a parent ID) records the parent's current
+    ID at vdisk's next write, so a later change of the parent is refused."""
+    parent = tmp_path / "parent.qcow2"
+    pid = create_qcow2(str(parent), SIZE)
+    child = tmp_path / "child.qcow2"
+    create_qcow2(str(child), SIZE, backing="parent.qcow2", backing_format="qcow2",
+                 parent_id=None if lost == "never-recorded" else pid)
+    if lost == "check-r-leaks":
+        qemu_img.run(["check", "-q", "-r", "leaks", child])
+    elif lost == "qemu-io-write":
+        qemu_io.run(child, "write -P 0xc1 0 4k")
+    expect = ident.VALID if lost == "never-recorded" else ident.UNKNOWN
+    assert identity_of(child).state == expect
+
+    vdisk_write(child, b"\xc2" * 4096, 8 * KiB)
+    got = identity_of(child)
+    assert got.valid and got.parent_id == pid
+    for f in open_chain(str(child), readonly=True):
+        f.close()
+
+    vdisk_write(parent, b"\xc3" * 4096, 0)      # the parent changes: the chain is refused
+    with pytest.raises(ImageError, match=MODIFIED):
+        open_chain(str(child), readonly=True)
 
 
 # -- crash safety ---------------------------------------------------------------------------

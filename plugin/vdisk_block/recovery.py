@@ -1,0 +1,132 @@
+"""What a disk's dead owners left, set right by its next owner.
+
+A process runs this once for a disk, when it becomes the disk's owner
+(service.own, owner.py). A job of that disk whose owner is dead (its lock is
+free: the process is gone, however it ended) is settled by its journal row:
+
+- a consolidation whose pivot was recorded (the disk's top is the job's
+  target) is finished: the images it dropped are deleted, the journal says
+  `done`;
+- any other consolidation is `interrupted`: the disk still serves its old
+  chain, whose data the job never changed; `job-resume` runs it again and
+  `job-cancel` rolls it back (removing a half-written new image);
+- a backup has `failed`: its temporary copy is removed; the snapshot it took
+  stays in the chain (a consolidation merges it). A backup cannot be resumed,
+  so it holds up no later job.
+
+A job whose owner lives (a backup run by a `vdisk backup` command while the
+disk's server restarts) is left alone. Then the target of the disk's last
+consolidation is rebound (see rebind_target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Collection
+from typing import Any
+
+from .catalog import FINAL_STATES, Catalog
+from .chain import chain_paths
+from .errors import ImageError
+from .identity import format_id, rebind
+from .identity import read as read_identity
+from .owner import owner_alive
+
+INTERRUPTED = "interrupted"
+
+
+def settled(row: dict[str, Any]) -> bool:
+    return row["state"] in FINAL_STATES or row["state"] == INTERRUPTED
+
+
+def verdict(catalog: Catalog, row: dict[str, Any]) -> str:
+    """What a job whose owner died is: `done` (its pivot was recorded, only the
+    deletion of the dropped images may be missing), `failed` (a backup) or
+    `interrupted`."""
+    if row["kind"] == "backup":
+        return "failed"
+    if row["state"] == "pivoting" and catalog.disk(row["disk"])["top"] == row["top_after"]:
+        return "done"
+    return INTERRUPTED
+
+
+def dead(catalog: Catalog, row: dict[str, Any], live: Collection[int] = ()) -> bool:
+    """An unsettled job that no live process runs."""
+    return not settled(row) and row["id"] not in live and \
+        owner_alive(catalog.dir, row.get("owner")) is None
+
+
+def why_interrupted(row: dict[str, Any]) -> str:
+    if row["kind"] == "backup":
+        return (f"the backup command stopped before it finished; its snapshot "
+                f"{row['target'] or '(none)'} stays in the chain ('vdisk consolidate "
+                f"{row['disk']} --into {row['target']}' merges it)")
+    return "the process running the job stopped before it finished"
+
+
+def recover_disk(catalog: Catalog, disk: str, live: Collection[int] = ()) -> list[int]:
+    """Settle the dead jobs of a disk (idempotent; by its owner only); returns
+    the ids of those it finished (done)."""
+    finished = []
+    rows = catalog.jobs(disk=disk)                  # newest first
+    for row in rows:
+        if not dead(catalog, row, live):
+            continue
+        state = verdict(catalog, row)
+        if state == "done":
+            finish_pivot(catalog, row["id"], row["dropped"])
+            finished.append(row["id"])
+            continue
+        if row["kind"] == "backup":
+            remove_temp(row)
+        catalog.update_job(row["id"], state=state, error=why_interrupted(row))
+    last = next((r for r in rows if r["kind"] == "consolidate"), None)
+    if last is not None:
+        rebind_target(catalog, catalog.job(last["id"]))
+    return finished
+
+
+def finish_pivot(catalog: Catalog, job: int, dropped: list[str], **fields: Any) -> None:
+    """The end of a recorded pivot: delete what it dropped, journal `done`."""
+    for rel in dropped:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(catalog.abspath(rel))
+    catalog.update_job(job, state="done", **fields)
+
+
+def roll_back(catalog: Catalog, row: dict[str, Any]) -> None:
+    """Undo what an interrupted consolidation left: a half-written new image."""
+    if row["new_image"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(catalog.abspath(row["target"]))
+
+
+def remove_temp(row: dict[str, Any]) -> None:
+    """A backup's copy in progress (``.NAME.PID.tmp`` beside its destination)."""
+    temp = row.get("temp")
+    if temp and os.path.basename(temp).startswith(".") and temp.endswith(".tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def rebind_target(catalog: Catalog, row: dict[str, Any]) -> None:
+    """A job into an image of the chain may have stopped (crash, failure)
+    between giving the target the fresh content ID it journalled and
+    recording that ID in the image above (mirror.py). If the target still
+    has exactly that ID, record it: the chain reads the same through it.
+    Any other ID means someone else wrote the target: the chain stays
+    refused. Idempotent."""
+    if row["new_image"] or not row.get("target_id") or row["state"] == "done":
+        return
+    try:
+        chain = chain_paths(catalog.abspath(catalog.disk(row["disk"])["top"]))
+        target = os.path.realpath(catalog.abspath(row["target"]))
+        real = [os.path.realpath(p) for p in chain]
+        if target not in real[1:]:
+            return
+        i = real.index(target)
+        if format_id(read_identity(chain[i])[1].content_id) == row["target_id"]:
+            rebind(chain[i - 1], chain[i])
+    except (ImageError, OSError):
+        pass            # opening the disk reports what is wrong

@@ -1,0 +1,63 @@
+"""Run ``vdisk`` held at a chosen point of a job, for the ownership tests.
+
+    python cmdpause.py POINT MARKER RELEASE vdisk-arguments...
+
+Runs the ``vdisk`` command line in this process with one hook installed: when
+the run reaches POINT the hook creates the file MARKER (holding the pid) and
+waits until the file RELEASE exists (at most HOLD_S), then goes on. Nothing
+else of the command changes. Points:
+
+    consolidate-copy   an offline consolidation, its copy pass not yet started
+                       (the job is journalled, its target created)
+    backup-copy        a backup, snapshot taken and journalled, before the copy
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+HOLD_S = 120
+
+
+def main() -> int:
+    point, marker, release, *argv = sys.argv[1:]
+
+    def hold() -> None:
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(marker + ".tmp", marker)
+        deadline = time.monotonic() + HOLD_S
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    from vdisk import blockpath, qemu_img  # noqa: F401  (vdisk_block importable)
+    from vdisk.cli import main as vdisk_main
+    from vdisk_block.mirror import MirrorJob
+
+    if point == "consolidate-copy":
+        copy_pass = MirrorJob._copy_pass
+
+        def held_copy_pass(self: MirrorJob) -> None:
+            hold()
+            copy_pass(self)
+
+        MirrorJob._copy_pass = held_copy_pass    # type: ignore[method-assign]
+    elif point == "backup-copy":
+        run = qemu_img.run
+
+        def held_run(args: Any, **kwargs: Any) -> Any:
+            if args and args[0] == "convert":
+                hold()
+            return run(args, **kwargs)
+
+        qemu_img.run = held_run                  # type: ignore[assignment]
+    else:
+        raise SystemExit(f"unknown point {point!r}")
+    return vdisk_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
