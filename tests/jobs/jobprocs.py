@@ -83,9 +83,11 @@ class Background:
                                  f"{self.err.read_text()}") from None
         return Result(self.proc.returncode, self.out.read_text(), self.err.read_text())
 
-    def signal(self, sig: int) -> None:
-        """Signal the command itself (not what it started)."""
+    def signal(self, sig: int, release: Path | None = None) -> None:
+        """Signal the command itself (not what it started); then end its holds."""
         self.proc.send_signal(sig)
+        if release is not None:
+            release.touch()
         try:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -10,9 +10,11 @@ other processes and signals reach the job while it copies.
 phase, the command waits this long, so a test sees the phase in the catalog
 and acts in it. Phases: a job state the journal records (``copying``,
 ``ready``, ``pivoting``, ``done``...), ``pivoted`` (the disk's new top and
-the pivot recorded in one step), ``snapshot`` (a new top without a job) and
+the pivot recorded in one step), ``snapshot`` (any other new top) and
 ``creating`` (a new image written under its temporary name, before the
-rename: held in its fsync).
+rename: held in its fsync). A hold ends early once the file named by
+``VDISK_TEST_RELEASE`` exists (a test that signals the command creates it,
+so that a command unwinding on SIGTERM is not kept waiting).
 
 Only test timing changes; the command is the product's ``vdisk.cli.main``.
 """
@@ -43,37 +45,46 @@ def _slow_copy(delay: float) -> None:
         setattr(Disk, name, slowed)
 
 
-def _hold(spec: str) -> None:
+def _hold(spec: str, release: str | None) -> None:
     holds = {k: float(v) for k, v in (item.split(":") for item in spec.split(",") if item)}
     update_job, set_top = Catalog.update_job, Catalog.set_top
 
     def held_update(self: Catalog, job: int, **fields: Any) -> None:
         update_job(self, job, **fields)
-        time.sleep(holds.get(str(fields.get("state")), 0))
+        _wait(holds.get(str(fields.get("state")), 0), release)
 
     def held_set_top(self: Catalog, name: str, top: str, job: int | None = None,
                      **fields: Any) -> None:
         set_top(self, name, top, job, **fields)
-        time.sleep(holds.get("pivoted" if job is not None else "snapshot", 0))
+        _wait(holds.get("pivoted" if fields.get("state") == "pivoting" else "snapshot", 0),
+              release)
 
     Catalog.update_job = held_update        # type: ignore[method-assign]
     Catalog.set_top = held_set_top          # type: ignore[method-assign]
     if "creating" in holds:
-        create.os = _HeldFsync(holds["creating"])   # type: ignore[assignment]
+        create.os = _HeldFsync(holds["creating"], release)   # type: ignore[assignment]
+
+
+def _wait(hold: float, release: str | None) -> None:
+    """Sleep up to hold seconds; at once when the release file exists."""
+    end = time.monotonic() + hold
+    while time.monotonic() < end and not (release and os.path.exists(release)):
+        time.sleep(0.01)
 
 
 class _HeldFsync:
     """The os module as create.py sees it; fsync of a ``.creating`` file waits first."""
 
-    def __init__(self, hold: float) -> None:
+    def __init__(self, hold: float, release: str | None) -> None:
         self.hold = hold
+        self.release = release
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
 
     def fsync(self, fd: int) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").endswith(".creating"):
-            time.sleep(self.hold)
+            _wait(self.hold, self.release)
         os.fsync(fd)
 
 
@@ -82,7 +93,7 @@ def main() -> int:
     if delay:
         _slow_copy(delay)
     if os.environ.get("VDISK_TEST_HOLD"):
-        _hold(os.environ["VDISK_TEST_HOLD"])
+        _hold(os.environ["VDISK_TEST_HOLD"], os.environ.get("VDISK_TEST_RELEASE"))
     from vdisk.cli import main as vdisk_main
     return vdisk_main(sys.argv[1:])
 

@@ -146,7 +146,8 @@ def held(phase: str, workdir: Path) -> tuple[dict[str, str], ConvertGate | None]
     if phase == "convert":
         gate = ConvertGate(workdir, hold=60)
         return gate.env, gate
-    return {"VDISK_TEST_HOLD": f"{phase}:{HOLD}"}, None
+    return {"VDISK_TEST_HOLD": f"{phase}:{HOLD}",
+            "VDISK_TEST_RELEASE": str(workdir / "release")}, None
 
 
 def reach(phase: str, root: Path, bg: Background, gate: ConvertGate | None,
@@ -184,10 +185,14 @@ def recover(root: Path, finish: str, where: str) -> str:
         return "no job"
     job = jobs[0]
     if job["state"] != "interrupted":
-        for action in ("resume", "cancel"):
-            refusal(vdisk("job", action, str(job["id"]), "-d", root), f"job {action} of a "
-                    f"{job['state']} job")
-        return job["state"]
+        refusal(vdisk("job", "resume", str(job["id"]), "-d", root),
+                f"job resume of a {job['state']} job")
+        r = vdisk("job", "cancel", str(job["id"]), "-d", root, "--json")
+        if r.returncode:                # refused, or nothing to do: the state stays
+            refusal(r, f"job cancel of a {job['state']} job")
+        else:
+            assert json.loads(r.stdout)["state"] == job["state"], f"{where}: {r.stdout}"
+        return f"{job['kind']} {job['state']}"
     r = ok(vdisk("job", finish, str(job["id"]), "-d", root, "--json"), f"job {finish}")
     after = json.loads(r.stdout)["state"]
     assert after == ("done" if finish == "resume" else "cancelled"), f"{where}: {r.stdout}"
@@ -203,7 +208,7 @@ def killed(root: Path, tmp_path: Path, command: list[str | Path], phase: str, si
     bg = Background(command, tmp_path, env=env, name=command[0])
     try:
         reach(phase, root, bg, gate, top_before)
-        bg.signal(sig)
+        bg.signal(sig, release=tmp_path / "release")
         orphans = wait_group_gone(bg.pgid)
     finally:
         bg.cleanup()
