@@ -28,8 +28,8 @@ from jobshapes import build, shapes
 pytestmark = pytest.mark.differential
 
 SCALE = float(os.environ.get("VDISK_JOBS_SCALE", "1"))
-EXAMPLES = max(1, int(24 * SCALE))
-PARALLEL_EXAMPLES = max(1, int(16 * SCALE))
+EXAMPLES = max(1, int(18 * SCALE))
+PARALLEL_EXAMPLES = max(1, int(10 * SCALE))
 
 
 def job_settings(n: int) -> settings:
