@@ -106,6 +106,7 @@ class MirrorJob:
         self.target_path = new_path or disk.layers[collapse].path
         self.dropped: list[str] = []
         self._cond = threading.Condition()
+        self._io = threading.Lock()             # the copy's I/O outside the disk lock
         self._t0 = time.monotonic()
         self._target: Disk | None = None
         self._copy_set: list[tuple[int, int]] = []
@@ -244,8 +245,12 @@ class MirrorJob:
                     # for this chunk take it before the next one
                     time.sleep(0)
             # write the copied data back without holding up the guest; the
-            # flush under the lock then has little left to do
-            os.fdatasync(target.layers[0].fd)
+            # flush under the lock then has little left to do. _io keeps a
+            # cancel from closing the target's descriptor under the sync.
+            with self._io:
+                if self._target is None:
+                    return
+                os.fdatasync(target.layers[0].fd)
             with disk.lock:
                 if self.state is State.COPYING:
                     target.flush()
@@ -346,13 +351,14 @@ class MirrorJob:
         self.stats.duration_s = time.monotonic() - self._t0
         if target is None:
             return
-        target.layers[0].close()
+        with self._io:                  # no sync of the copy thread still under way
+            target.layers[0].close()
+            self._target = None
         if self.new_path:
             os.unlink(self.new_path)
         else:
             orig = disk.layers[self.collapse]
             locking.lock_for_read(orig.fd, orig.path)
-        self._target = None
 
     def _set(self, state: State) -> None:
         with self._cond:
