@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import __version__, owner, recovery
-from .catalog import IMAGES, Catalog
+from .catalog import FINAL_STATES, IMAGES, Catalog
 from .chain import chain_paths, open_disk
 from .chainops import snapshot
 from .commands import Arg, Command, run
@@ -69,13 +69,16 @@ class DiskService(JobCommands):
         """Cancel this process's jobs (a pivot under way is let finish, bounded),
         close the disk, give up its ownership."""
         with self._lock:
-            for job in list(self.jobs.values()):
+            for job_id, job in list(self.jobs.items()):
                 if job.state in ACTIVE:
                     try:
                         job.cancel()
                     except RequestError:
                         pass                    # it moved on to its pivot meanwhile
-                job.wait((State.DONE,), PIVOT_TIMEOUT_S)
+                if job.wait((State.DONE,), PIVOT_TIMEOUT_S) is State.DONE:
+                    with self._journal:         # and its pivot's end is journalled
+                        self._journal.wait_for(lambda i=job_id: self.catalog.job(i)["state"]
+                                               in FINAL_STATES, PIVOT_TIMEOUT_S)
             if self._disk is not None:
                 self._disk.close()
                 self._disk = None
