@@ -69,6 +69,9 @@ def add_parsers(sub: Any) -> None:
                    help="mode of the Unix sockets, in octal (default 0600)")
     p.add_argument("--socket-group", metavar="GROUP",
                    help="group of the Unix sockets (e.g. libvirt-qemu, with --socket-mode 0660)")
+    p.add_argument("--threads", choices=["serialize", "parallel"],
+                   help="the workers' nbdkit thread model (default serialize, the faster "
+                        "here: docs/benchmarks.md)")
     p.add_argument("--detach", action="store_true",
                    help=f"run in the background (pid file RUNDIR/{PIDFILE} unless --pidfile)")
     p.add_argument("--pidfile", metavar="FILE", help="write the server's pid here")
@@ -113,6 +116,7 @@ def _options(args: argparse.Namespace, directory: str) -> Options:
     return Options(rundir=rundir, ports=args.ports, address=args.address or "127.0.0.1",
                    tls_psk=psk, socket_mode=mode, socket_gid=gid,
                    stop_timeout=args.stop_timeout, start_timeout=args.timeout,
+                   threads=args.threads,
                    say=lambda line: _say(line))
 
 
@@ -223,6 +227,8 @@ def _serve_detached(args: argparse.Namespace, directory: str, opts: Options) -> 
         cmd += ["--tls-psk", os.path.abspath(args.tls_psk)]
     if args.socket_group:
         cmd += ["--socket-group", args.socket_group]
+    if args.threads:
+        cmd += ["--threads", args.threads]
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))

@@ -1,72 +1,124 @@
 """Serving a datastore for the job tests, and the guest's way in through NBD.
 
 :func:`serve_datastore` is the one place that decides how a datastore is
-served (today: one nbdkit in datastore mode with a control socket, as
-``vdisk serve`` runs it; ``threads=parallel`` for the parallel thread model).
+served: ``vdisk serve`` (one nbdkit worker per disk, their sockets in the
+test's directory; ``--threads parallel`` for the parallel thread model).
 Tests only use what :class:`ServedDatastore` offers: an NBD connection to a
-disk, a control client, the catalog's view, stop and kill. When serving moves
-to one worker per disk, this module changes and the tests do not.
+disk, a control client (which sends each command to the right worker), the
+catalog's view, stop and kill.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nbd
 from cons_control import ControlClient
 from nbdharness import pread_deadline, pwrite_deadline, wait_command
 
-from vdisk.nbdkit import NbdkitServer
 from vdisk_block.catalog import Catalog
 
 START_DEADLINE = 60.0       # this 2-core machine is often busy
 
 
+class RoutedControl:
+    """The control protocol of a served datastore, spoken to each disk's worker:
+    a command goes to the worker of its ``disk``, or of the disk of its job ``id``."""
+
+    def __init__(self, served: ServedDatastore) -> None:
+        self.served = served
+        self._clients: dict[str, ControlClient] = {}
+
+    def _client(self, disk: str) -> ControlClient:
+        if disk not in self._clients:
+            self._clients[disk] = ControlClient(self.served.control_path(disk))
+        return self._clients[disk]
+
+    def _disk_of(self, arguments: dict[str, Any]) -> str:
+        if "disk" in arguments:
+            return str(arguments["disk"])
+        cat = Catalog(str(self.served.ds))
+        try:
+            return str(cat.job(arguments["id"])["disk"])
+        finally:
+            cat.close()
+
+    def execute(self, command: str, **arguments: Any) -> dict[str, Any]:
+        return self._client(self._disk_of(arguments)).execute(command, **arguments)
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return self._client(self._disk_of({"id": job_id})).job(job_id)
+
+    def wait_job(self, job_id: int, states: tuple[str, ...], deadline: float = 60.0
+                 ) -> dict[str, Any]:
+        return self._client(self._disk_of({"id": job_id})).wait_job(job_id, states, deadline)
+
+    def disk(self, name: str) -> dict[str, Any]:
+        return self._client(name).disk(name)
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+
+
 class ServedDatastore:
-    """A datastore being served; owns the server process and every handle it gave."""
+    """A datastore served by ``vdisk serve``; owns the process and every handle it gave."""
 
     def __init__(self, ds: Path, workdir: Path, *, parallel: bool, name: str) -> None:
         self.ds = ds
         self.parallel = parallel
-        self.control_path = workdir / f"{name}-control.sock"
-        args = [f"datastore={ds}", f"control={self.control_path}"]
+        self.rundir = workdir / f"{name}-run"
+        self.log_path = workdir / f"{name}-serve.log"
+        self.cmd = [sys.executable, "-m", "vdisk.cli", "serve", "-d", str(ds), "--unix-dir",
+                    str(self.rundir), "--json"]
         if parallel:
-            args.append("threads=parallel")
-        self.server = NbdkitServer(args, workdir, name=name, start_timeout=START_DEADLINE)
+            self.cmd += ["--threads", "parallel"]
+        self.proc: subprocess.Popen[str] | None = None
+        self.info: dict[str, Any] = {}
         self._handles: list[nbd.NBD] = []
-        self._clients: list[ControlClient] = []
+        self._controls: list[RoutedControl] = []
 
     def start(self) -> ServedDatastore:
-        self.server.start()
-        end = time.monotonic() + START_DEADLINE
-        while True:
-            try:
-                ControlClient(self.control_path).close()
-                return self
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > end or self.server.returncode is not None:
-                    raise AssertionError(f"no control socket after {START_DEADLINE} s: "
-                                         f"{self.log()}") from None
-                time.sleep(0.02)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=log, text=True)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_DEADLINE)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.kill()
+            raise AssertionError(f"vdisk serve did not start: {self.log()}")
+        self.info = json.loads(line)
+        return self
 
     @property
     def pid(self) -> int | None:
-        return self.server.pid
+        """The pid of the first disk's worker (kill it to crash that disk's server)."""
+        return next((d["pid"] for d in self.info.get("disks", []) if d["pid"]), None)
+
+    def control_path(self, disk: str) -> Path:
+        return self.rundir / f"{disk}.ctl"
 
     def connect(self, disk: str) -> nbd.NBD:
         h = nbd.NBD()
         h.set_export_name(disk)
-        assert self.server.socket is not None
-        h.connect_unix(str(self.server.socket))
+        h.connect_unix(str(self.rundir / f"{disk}.sock"))
         self._handles.append(h)
         return h
 
-    def control(self) -> ControlClient:
-        c = ControlClient(self.control_path)
-        self._clients.append(c)
+    def control(self) -> RoutedControl:
+        c = RoutedControl(self)
+        self._controls.append(c)
         return c
 
     def top(self, disk: str) -> Path:
@@ -82,24 +134,42 @@ class ServedDatastore:
             with contextlib.suppress(nbd.Error):
                 h.shutdown()
         self._handles.clear()
-        for c in self._clients:
+        for c in self._controls:
             c.close()
-        self._clients.clear()
+        self._controls.clear()
 
     def stop(self) -> int | None:
         """Disconnect, then stop the server (terminate, bounded wait, kill)."""
         self._drop_clients()
-        return self.server.stop()
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(START_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(START_DEADLINE)
+        return self.proc.returncode
 
     def kill(self) -> None:
+        """SIGKILL the supervisor and its workers, as a crash of the host's server would."""
         self._handles.clear()        # dead connections: nothing to shut down
-        for c in self._clients:
+        for c in self._controls:
             c.close()
-        self._clients.clear()
-        self.server.kill()
+        self._controls.clear()
+        if self.proc is None:
+            return
+        workers = [d["pid"] for d in self.info.get("disks", []) if d["pid"]]
+        self.proc.kill()
+        self.proc.wait(START_DEADLINE)
+        for pid in workers:          # they die with the supervisor; make sure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def log(self) -> str:
-        return self.server.stderr_text()
+        logs = [self.log_path, *sorted(self.rundir.glob("*.log"))]
+        return "\n".join(p.read_text(errors="replace") for p in logs if p.exists())
 
 
 @contextlib.contextmanager
