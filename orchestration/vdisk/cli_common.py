@@ -140,15 +140,34 @@ def service(args: argparse.Namespace) -> Iterator[Service]:
         svc.close()
 
 
-def image_arg(directory: str, value: str) -> str:
-    """An image path from the command line, for the service.
+IMAGE_RULE = ("an absolute path, or relative to the datastore directory (as vdisk "
+              "prints image paths), whatever the current directory")
 
-    Absolute paths pass as they are; a relative path is taken relative to the
-    datastore when an image of that name exists there (as ``vdisk disk info``
-    prints them), else relative to the current directory.
+
+def datastore_image(directory: str, given: str, *, exists: bool = True) -> tuple[str, str]:
+    """An image of the datastore named on the command line: ``(path, argument)``.
+
+    One rule for every such argument (--backing, --into, consolidate --to,
+    ``vdisk info IMAGE -d DIR``): an absolute path is taken as it is, a relative
+    one is relative to the datastore directory, which is how every image path
+    the CLI prints is written. ``path`` is absolute; ``argument`` is what to
+    pass the service (which reads paths the same way): ``given`` itself, so
+    that its errors name the path as the user wrote it. The path must be in
+    the datastore and, with ``exists``, be there.
     """
-    if os.path.isabs(value):
-        return value
-    if os.path.exists(os.path.join(directory, value)):
-        return value
-    return os.path.abspath(value)
+    path = os.path.normpath(os.path.join(directory, given))
+    argument = given
+    if not _inside(path, directory):
+        real = os.path.realpath(path)
+        if not _inside(real, os.path.realpath(directory)):
+            raise CliError(f"{given} is outside the datastore {directory}")
+        # in by symlinks only: the service gets the name relative to the datastore
+        argument = os.path.relpath(real, os.path.realpath(directory))
+    if exists and not os.path.exists(path):
+        raise CliError(f"{given}: no such image in the datastore {directory}")
+    return path, argument
+
+
+def _inside(path: str, directory: str) -> bool:
+    rel = os.path.relpath(path, directory)
+    return rel != os.curdir and rel != os.pardir and not rel.startswith(os.pardir + os.sep)

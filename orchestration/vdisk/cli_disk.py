@@ -22,12 +22,13 @@ from typing import Any
 # blockpath makes vdisk_block (the block engine beside the plugin) importable
 from . import blockpath, qemu_img  # noqa: F401
 from .cli_common import (
+    IMAGE_RULE,
     CliError,
     control_options,
     datastore_dir,
+    datastore_image,
     datastore_options,
     emit,
-    image_arg,
     output_options,
     parse_size,
     service,
@@ -58,7 +59,7 @@ def add_parsers(sub: Any) -> None:
                         "default the backing image's size)")
     p.add_argument("--backing", metavar="IMAGE",
                    help="a linked clone: the new disk's chain continues this image of the "
-                        "datastore, which must be frozen (no disk's top)")
+                        "datastore, which must be frozen (no disk's top): " + IMAGE_RULE)
     p.set_defaults(func=cmd_disk_create)
 
     p = dsub.add_parser("import", parents=[out, ds],
@@ -192,11 +193,7 @@ def _frozen_image(c: Any, name: str) -> Any:
     a qcow2 image of the datastore with a valid content ID that no disk writes."""
     from vdisk_block.chain import open_chain
 
-    given = image_arg(c.dir, name)
-    path = os.path.realpath(given if os.path.isabs(given) else c.abspath(given))
-    if not os.path.exists(path):
-        raise CliError(f"{name}: no such image")
-    c.relpath(path)                             # inside the datastore, or an error
+    path = os.path.realpath(datastore_image(c.dir, name)[0])
     for disk in c.disks():
         if os.path.realpath(c.abspath(disk["top"])) == path:
             raise CliError(f"{name} is the top of disk {disk['name']!r}: snapshot it first, "

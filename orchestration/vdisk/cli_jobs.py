@@ -19,13 +19,14 @@ from typing import Any
 
 from . import qemu_img
 from .cli_common import (
+    IMAGE_RULE,
     CliError,
     Parser,
     control_options,
     datastore_dir,
+    datastore_image,
     datastore_options,
     emit,
-    image_arg,
     job_id,
     one_line,
     output_options,
@@ -60,9 +61,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("disk", metavar="DISK")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--into", metavar="IMAGE",
-                        help="an image of the chain (default: the top's backing file)")
+                        help="an image of the chain (default: the top's backing file): "
+                             + IMAGE_RULE)
     target.add_argument("--to", metavar="NEWFILE",
-                        help="a new image (in the datastore) on the backing file's backing")
+                        help="a new image of the datastore on the backing file's backing: "
+                             + IMAGE_RULE)
     p.add_argument("--no-pivot", action="store_true",
                    help="stop at ready, keeping the target in sync, until 'vdisk job "
                         "complete' or 'cancel' (served datastores only)")
@@ -206,9 +209,9 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     directory = datastore_dir(args)
     arguments: dict[str, Any] = {"disk": args.disk}
     if args.into:
-        arguments["into"] = image_arg(directory, args.into)
+        arguments["into"] = datastore_image(directory, args.into)[1]
     if args.to:
-        arguments["to"] = os.path.abspath(args.to)
+        arguments["to"] = datastore_image(directory, args.to, exists=False)[1]
     with service(args) as svc:
         job = consolidate(svc, args, arguments, pivot=not args.no_pivot)
     text = None
