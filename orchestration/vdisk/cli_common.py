@@ -26,13 +26,18 @@ EXIT_USAGE = 2
 
 
 class CliError(Error):
-    """A command cannot do what it was asked; ``reason`` is the one-line message."""
+    """A command cannot do what it was asked; ``reason`` is the one-line message.
+
+    ``result`` is what the command got as far as reporting (a job that ended
+    failed): with --json it goes into the error object.
+    """
 
     msg = "{self.reason}"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, result: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.result = result
 
 
 class UsageError(Exception):
@@ -106,13 +111,30 @@ def control_options() -> Parser:
 # --- output ------------------------------------------------------------------------------
 
 
+class Stdout:
+    """Whether this run has printed its JSON object: a failure after it prints
+    no second one."""
+
+    printed = False
+
+
 def emit(args: argparse.Namespace, obj: dict[str, Any], text: str | None = None) -> None:
     """Print ``obj`` as JSON with --json, else the human text (if any)."""
     if args.json:
         sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+        Stdout.printed = True
     elif text:
         sys.stdout.write(text.rstrip("\n") + "\n")
     sys.stdout.flush()
+
+
+def fail_with(args: argparse.Namespace, result: dict[str, Any], text: str,
+              reason: str) -> NoReturn:
+    """A command that got as far as a result, which says it failed: the human
+    text on stdout, or with --json the result inside the error object."""
+    if not args.json:
+        emit(args, result, text)
+    raise CliError(reason, result)
 
 
 def one_line(text: str) -> str:

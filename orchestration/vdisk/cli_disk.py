@@ -48,7 +48,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("directory", metavar="DIR")
     p.set_defaults(func=cmd_datastore_init)
 
-    p = sub.add_parser("disk", help="create, import, list, show and remove disks")
+    p = sub.add_parser("disk", help="create, import, list, info and remove disks")
     dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     p = dsub.add_parser("create", parents=[out, ds],

@@ -27,6 +27,7 @@ from .cli_common import (
     datastore_image,
     datastore_options,
     emit,
+    fail_with,
     job_id,
     one_line,
     output_options,
@@ -179,9 +180,10 @@ def follow_or_explain(svc: Service, job: dict[str, Any], args: argparse.Namespac
 
 
 def finish(args: argparse.Namespace, job: dict[str, Any], text: str | None = None) -> int:
-    emit(args, job, text or job_summary(job))
     if job["state"] in ("failed", "interrupted", "cancelled"):
-        raise CliError(f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
+        fail_with(args, job, text or job_summary(job),
+                  f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
+    emit(args, job, text or job_summary(job))
     return 0
 
 
@@ -316,10 +318,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
               "consolidate": job}
     text = (f"backed up {args.disk} to {dest} ({human_bytes(result['bytes'])}, snapshot "
             f"{snap['frozen']})\n{job_summary(job)}")
-    emit(args, result, text)
     if job["state"] != "done":
-        raise CliError(f"backup {args.to} is complete, but consolidating the snapshot back "
-                       f"{job['state']}: {job.get('error') or 'no reason given'}")
+        fail_with(args, result, text, f"backup {dest} is complete, but consolidating the "
+                  f"snapshot back {job['state']}: {job.get('error') or 'no reason given'}")
+    emit(args, result, text)
     return 0
 
 
