@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import time
 from typing import Any
@@ -89,7 +90,10 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("backup", parents=[out, ds, ctl, wait],
                        help="back up a live disk: snapshot, copy, consolidate")
     p.add_argument("disk", metavar="DISK")
-    p.add_argument("--to", required=True, metavar="FILE", help="the backup (a new qcow2 file)")
+    p.add_argument("--to", required=True, metavar="FILE|DIR",
+                   help="the backup: a new qcow2 file, or an existing directory (or a path "
+                        "ending in '/') to put DISK-<timestamp>.qcow2 in; relative to the "
+                        "current directory")
     p.set_defaults(func=cmd_backup)
 
 
@@ -270,11 +274,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from vdisk_block.owner import Owner
 
     directory = datastore_dir(args)
-    dest = os.path.abspath(args.to)
-    if os.path.lexists(dest):
-        raise CliError(f"{args.to} already exists")
-    if not os.path.isdir(os.path.dirname(dest)):
-        raise CliError(f"{os.path.dirname(dest)}: no such directory")
+    dest = backup_destination(args.to, args.disk)
     tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{os.getpid()}.tmp")
     t0 = time.monotonic()
     with service(args) as svc, Owner(directory, f"vdisk backup {args.disk}") as me:
@@ -307,7 +307,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         except BaseException as e:
             if copy_error is not None:
                 raise copy_error from None
-            raise CliError(f"backup {args.to} is complete, but consolidating the snapshot "
+            raise CliError(f"backup {dest} is complete, but consolidating the snapshot "
                            f"back failed: {e}") from None
         if copy_error is not None:
             raise copy_error
@@ -323,6 +323,24 @@ def cmd_backup(args: argparse.Namespace) -> int:
                   f"snapshot back {job['state']}: {job.get('error') or 'no reason given'}")
     emit(args, result, text)
     return 0
+
+
+def backup_destination(given: str, disk: str) -> str:
+    """The backup's absolute path: ``--to FILE``, a new file in an existing
+    directory; or ``--to DIR`` (an existing directory, or any path ending in
+    ``/``, which must then be one): a new file ``DISK-<timestamp>.qcow2`` in it."""
+    path = os.path.abspath(given)
+    if given.endswith(os.sep) or os.path.isdir(path):
+        if not os.path.isdir(path):
+            raise CliError(f"{given}: no such directory")
+        stem = f"{disk.replace(os.sep, '_')}-{time.strftime('%Y%m%dT%H%M%S')}"
+        names = (f"{stem}{f'-{n}' if n else ''}.qcow2" for n in itertools.count())
+        return next(p for p in (os.path.join(path, n) for n in names) if not os.path.lexists(p))
+    if os.path.lexists(path):
+        raise CliError(f"{given} already exists")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise CliError(f"{os.path.dirname(given)}: no such directory")
+    return path
 
 
 def _sync(path: str) -> None:
