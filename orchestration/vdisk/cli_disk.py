@@ -68,6 +68,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("file", metavar="FILE", help="any image qemu-img reads")
     p.add_argument("--flatten", action="store_true",
                    help="copy the whole chain into one image instead of keeping its layers")
+    p.add_argument("--force-share", action="store_true",
+                   help="copy even images another process (QEMU) holds open for writing; "
+                        "the copy may then be inconsistent")
     p.set_defaults(func=cmd_disk_import)
 
     p = dsub.add_parser("list", parents=[out, ds, ctl], help="list the disks")
@@ -217,6 +220,9 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
     if not os.path.exists(source):
         raise CliError(f"{args.file}: no such file")
     chain = qemu_img.info(source, backing_chain=True, force_share=True)
+    if not args.force_share:
+        _check_unlocked([args.file, *(layer["filename"] for layer in chain[1:])])
+    share = ["-U"] if args.force_share else []
     with catalog(args) as c:
         check_new_disk(c, args.name)
         _sweep(c)
@@ -227,10 +233,10 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
         finals = [t.final for t in temps]
         try:
             if args.flatten:
-                qemu_img.run(["convert", "-q", "-U", "-f", chain[0]["format"], "-O", "qcow2",
+                qemu_img.run(["convert", "-q", *share, "-f", chain[0]["format"], "-O", "qcow2",
                               source, temps[0].path])
             else:
-                _copy_layers(chain, [t.path for t in temps], finals)
+                _copy_layers(chain, [t.path for t in temps], finals, share)
             _stamp([t.path for t in temps])
             for t in temps:
                 os.fsync(t.fd)
@@ -265,7 +271,30 @@ def _stamp(paths: list[str]) -> None:
         parent = identity.write_path(path, identity.new_id(), parent).content_id
 
 
-def _copy_layers(chain: list[dict[str, Any]], temps: list[str], finals: list[str]) -> None:
+def _check_unlocked(paths: list[str]) -> None:
+    """Refuse to copy an image another process may be writing: QEMU's lock bytes
+    (vdisk_block.locking) say whether it could be read consistently. qemu-img
+    then takes the same locks for the copy."""
+    from vdisk_block import locking
+    from vdisk_block.errors import ImageLocked
+
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue            # not a local file: qemu-img opens it (and says why not)
+        try:
+            locking.lock_for_read(fd, path)
+        except ImageLocked as e:
+            raise CliError(f"{path} is in use: {e.reason} (QEMU's image lock); stop that "
+                           "process first, or copy the image anyway with --force-share") \
+                from None
+        finally:
+            os.close(fd)        # and with it the locks taken
+
+
+def _copy_layers(chain: list[dict[str, Any]], temps: list[str], finals: list[str],
+                 share: list[str]) -> None:
     """Copy each layer base first, keeping only its own clusters; link to the copies.
 
     ``qemu-img convert -B PARENT`` writes only what the source layer itself
@@ -274,7 +303,7 @@ def _copy_layers(chain: list[dict[str, Any]], temps: list[str], finals: list[str
     """
     for i in reversed(range(len(chain))):
         layer = chain[i]
-        cmd = ["convert", "-q", "-U", "-f", layer["format"], "-O", "qcow2"]
+        cmd = ["convert", "-q", *share, "-f", layer["format"], "-O", "qcow2"]
         if i + 1 < len(chain):
             cmd += ["-B", temps[i + 1], "-F", "qcow2"]
         qemu_img.run([*cmd, layer["filename"], temps[i]])
