@@ -241,3 +241,19 @@ def test_json_failure_of_a_job_reports_the_job(datastore: Datastore,
     assert obj["error"].startswith(f"job {obj['result']['id']} failed: ")
     assert obj["error"].endswith("injected read error")
     assert out.err == f"vdisk: error: {obj['error']}\n"
+
+
+def test_jobs_of_a_missing_disk(datastore: Datastore) -> None:
+    result = datastore.vdisk("job", "list", "--disk", "nosuch", "--json", check=False)
+    assert result.returncode == 1
+    assert result.error_line() == f"{datastore.path}: disk 'nosuch' does not exist"
+    assert result.json() == {"error": result.error_line(), "code": 1}
+
+
+def test_cancel_of_a_finished_job(datastore: Datastore) -> None:
+    datastore.create("vm1", "4M")
+    datastore.vdisk("snapshot", "vm1")
+    job = datastore.json("consolidate", "vm1")
+    result = datastore.vdisk("job", "cancel", str(job["id"]), check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.error_line() == f"{datastore.path}: job {job['id']} is done: nothing to cancel"
