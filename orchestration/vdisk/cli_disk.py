@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -196,7 +197,8 @@ def _frozen_image(c: Any, name: str) -> Any:
     a qcow2 image of the datastore with a valid content ID that no disk writes."""
     from vdisk_block.chain import open_chain
 
-    path = os.path.realpath(datastore_image(c.dir, name)[0])
+    given = datastore_image(c.dir, name)[0]
+    path = os.path.realpath(given)
     for disk in c.disks():
         if os.path.realpath(c.abspath(disk["top"])) == path:
             raise CliError(f"{name} is the top of disk {disk['name']!r}: snapshot it first, "
@@ -208,7 +210,7 @@ def _frozen_image(c: Any, name: str) -> Any:
     if f.fmt != "qcow2" or not f.identity.valid:
         f.close()
         raise CliError(f"{name} has no valid content ID ({f.identity.reason}); "
-                       f"give it one with 'vdisk identity stamp {name}' first")
+                       f"give it one with 'vdisk identity stamp {shlex.quote(given)}' first")
     return f
 
 

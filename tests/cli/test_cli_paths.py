@@ -9,6 +9,8 @@ Every command here runs from a current directory that is not the datastore.
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,18 @@ def test_paths_outside_the_datastore(datastore: Datastore, elsewhere: Path) -> N
         assert result.error_line() == f"{given} is outside the datastore {datastore.path}"
     assert list((elsewhere / "images").iterdir()) == []
     assert not (datastore.path.parent / "outside.qcow2").exists()
+
+
+def test_the_command_an_error_suggests_works_as_printed(datastore: Datastore,
+                                                        elsewhere: Path) -> None:
+    """A clone of an image with no content ID: the error says how to give it one."""
+    bare = datastore.path / "images" / "bare.qcow2"
+    qemu_img.create(bare, "qcow2", MiB)
+    result = datastore.vdisk("disk", "create", "vm1", "--backing", "images/bare.qcow2",
+                             check=False, cwd=elsewhere)
+    hint = re.search(r"'(vdisk [^']+)'", result.error_line())
+    assert hint is not None, result.error_line()
+    run_vdisk(*shlex.split(hint.group(1))[1:], cwd=elsewhere)
+    clone = datastore.json("disk", "create", "vm1", "--backing", "images/bare.qcow2",
+                           cwd=elsewhere)
+    assert clone["backing"] == "images/bare.qcow2"
