@@ -197,10 +197,10 @@ def _frozen_image(c: Any, name: str) -> Any:
     a qcow2 image of the datastore with a valid content ID that no disk writes."""
     from vdisk_block.chain import open_chain
 
-    given = datastore_image(c.dir, name)[0]
-    path = os.path.realpath(given)
+    given, argument = datastore_image(c.dir, name)
+    path = os.path.join(c.dir, argument)        # under the datastore's name, as its tops
     for disk in c.disks():
-        if os.path.realpath(c.abspath(disk["top"])) == path:
+        if os.path.realpath(c.abspath(disk["top"])) == os.path.realpath(path):
             raise CliError(f"{name} is the top of disk {disk['name']!r}: snapshot it first, "
                            "a linked clone needs a frozen image")
     layers = open_chain(path, readonly=True)    # refuses a modified parent

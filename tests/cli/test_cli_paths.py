@@ -116,3 +116,16 @@ def test_the_command_an_error_suggests_works_as_printed(datastore: Datastore,
     clone = datastore.json("disk", "create", "vm1", "--backing", "images/bare.qcow2",
                            cwd=elsewhere)
     assert clone["backing"] == "images/bare.qcow2"
+
+
+def test_a_datastore_named_through_a_symlink(datastore: Datastore, tmp_path: Path) -> None:
+    link = Datastore(tmp_path / "link")
+    link.path.symlink_to(datastore.path)
+    chain = three_layers(link, tmp_path)
+    for backing in (chain[1], str(datastore.path / chain[1]), str(link.path / chain[1])):
+        name = f"clone{len(link.json('disk', 'list')['disks'])}"
+        clone = link.json("disk", "create", name, "--backing", backing)
+        assert clone["backing"] == chain[1]
+        assert link.json("disk", "info", name)["chain"][1] == chain[1]
+    job = link.json("consolidate", "vm1", "--to", str(datastore.path / "images/new.qcow2"))
+    assert job["top_after"] == "images/new.qcow2"
