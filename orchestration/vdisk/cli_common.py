@@ -27,13 +27,18 @@ EXIT_USAGE = 2
 
 
 class CliError(Error):
-    """A command cannot do what it was asked; ``reason`` is the one-line message."""
+    """A command cannot do what it was asked; ``reason`` is the one-line message.
+
+    ``result`` is what the command got as far as reporting (a job that ended
+    failed): with --json it goes into the error object.
+    """
 
     msg = "{self.reason}"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, result: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.result = result
 
 
 class UsageError(Exception):
@@ -107,13 +112,30 @@ def control_options() -> Parser:
 # --- output ------------------------------------------------------------------------------
 
 
+class Stdout:
+    """Whether this run has printed its JSON object: a failure after it prints
+    no second one."""
+
+    printed = False
+
+
 def emit(args: argparse.Namespace, obj: dict[str, Any], text: str | None = None) -> None:
     """Print ``obj`` as JSON with --json, else the human text (if any)."""
     if args.json:
         sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+        Stdout.printed = True
     elif text:
         sys.stdout.write(text.rstrip("\n") + "\n")
     sys.stdout.flush()
+
+
+def fail_with(args: argparse.Namespace, result: dict[str, Any], text: str,
+              reason: str) -> NoReturn:
+    """A command that got as far as a result, which says it failed: the human
+    text on stdout, or with --json the result inside the error object."""
+    if not args.json:
+        emit(args, result, text)
+    raise CliError(reason, result)
 
 
 def one_line(text: str) -> str:
@@ -141,15 +163,34 @@ def service(args: argparse.Namespace) -> Iterator[Service]:
         svc.close()
 
 
-def image_arg(directory: str, value: str) -> str:
-    """An image path from the command line, for the service.
+IMAGE_RULE = ("an absolute path, or relative to the datastore directory (as vdisk "
+              "prints image paths), whatever the current directory")
 
-    Absolute paths pass as they are; a relative path is taken relative to the
-    datastore when an image of that name exists there (as ``vdisk disk info``
-    prints them), else relative to the current directory.
+
+def datastore_image(directory: str, given: str, *, exists: bool = True) -> tuple[str, str]:
+    """An image of the datastore named on the command line: ``(path, argument)``.
+
+    One rule for every such argument (--backing, --into, consolidate --to,
+    ``vdisk info IMAGE -d DIR``): an absolute path is taken as it is, a relative
+    one is relative to the datastore directory, which is how every image path
+    the CLI prints is written. ``path`` is absolute; ``argument`` is what to
+    pass the service (which reads paths the same way): ``given`` itself, so
+    that its errors name the path as the user wrote it. The path must be in
+    the datastore and, with ``exists``, be there.
     """
-    if os.path.isabs(value):
-        return value
-    if os.path.exists(os.path.join(directory, value)):
-        return value
-    return os.path.abspath(value)
+    path = os.path.normpath(os.path.join(directory, given))
+    argument = given
+    if not _inside(path, directory):
+        real = os.path.realpath(path)
+        if not _inside(real, os.path.realpath(directory)):
+            raise CliError(f"{given} is outside the datastore {directory}")
+        # in by symlinks only: the service gets the name relative to the datastore
+        argument = os.path.relpath(real, os.path.realpath(directory))
+    if exists and not os.path.exists(path):
+        raise CliError(f"{given}: no such image in the datastore {directory}")
+    return path, argument
+
+
+def _inside(path: str, directory: str) -> bool:
+    rel = os.path.relpath(path, directory)
+    return rel != os.curdir and rel != os.pardir and not rel.startswith(os.pardir + os.sep)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,12 +23,13 @@ from typing import Any
 # blockpath makes vdisk_block (the block engine beside the plugin) importable
 from . import blockpath, qemu_img  # noqa: F401
 from .cli_common import (
+    IMAGE_RULE,
     CliError,
     control_options,
     datastore_dir,
+    datastore_image,
     datastore_options,
     emit,
-    image_arg,
     output_options,
     parse_size,
     service,
@@ -47,7 +49,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("directory", metavar="DIR")
     p.set_defaults(func=cmd_datastore_init)
 
-    p = sub.add_parser("disk", help="create, import, list, show and remove disks")
+    p = sub.add_parser("disk", help="create, import, list, info and remove disks")
     dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     p = dsub.add_parser("create", parents=[out, ds],
@@ -58,7 +60,7 @@ def add_parsers(sub: Any) -> None:
                         "default the backing image's size)")
     p.add_argument("--backing", metavar="IMAGE",
                    help="a linked clone: the new disk's chain continues this image of the "
-                        "datastore, which must be frozen (no disk's top)")
+                        "datastore, which must be frozen (no disk's top): " + IMAGE_RULE)
     p.set_defaults(func=cmd_disk_create)
 
     p = dsub.add_parser("import", parents=[out, ds],
@@ -67,6 +69,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("file", metavar="FILE", help="any image qemu-img reads")
     p.add_argument("--flatten", action="store_true",
                    help="copy the whole chain into one image instead of keeping its layers")
+    p.add_argument("--force-share", action="store_true",
+                   help="copy even images another process (QEMU) holds open for writing; "
+                        "the copy may then be inconsistent")
     p.set_defaults(func=cmd_disk_import)
 
     p = dsub.add_parser("list", parents=[out, ds, ctl], help="list the disks")
@@ -216,13 +221,10 @@ def _frozen_image(c: Any, name: str) -> Any:
     a qcow2 image of the datastore with a valid content ID that no disk writes."""
     from vdisk_block.chain import open_chain
 
-    given = image_arg(c.dir, name)
-    path = os.path.realpath(given if os.path.isabs(given) else c.abspath(given))
-    if not os.path.exists(path):
-        raise CliError(f"{name}: no such image")
-    c.relpath(path)                             # inside the datastore, or an error
+    given, argument = datastore_image(c.dir, name)
+    path = os.path.join(c.dir, argument)        # under the datastore's name, as its tops
     for disk in c.disks():
-        if os.path.realpath(c.abspath(disk["top"])) == path:
+        if os.path.realpath(c.abspath(disk["top"])) == os.path.realpath(path):
             raise CliError(f"{name} is the top of disk {disk['name']!r}: snapshot it first, "
                            "a linked clone needs a frozen image")
     layers = open_chain(path, readonly=True)    # refuses a modified parent
@@ -232,7 +234,7 @@ def _frozen_image(c: Any, name: str) -> Any:
     if f.fmt != "qcow2" or not f.identity.valid:
         f.close()
         raise CliError(f"{name} has no valid content ID ({f.identity.reason}); "
-                       f"give it one with 'vdisk identity stamp {name}' first")
+                       f"give it one with 'vdisk identity stamp {shlex.quote(given)}' first")
     return f
 
 
@@ -244,6 +246,9 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
     if not os.path.exists(source):
         raise CliError(f"{args.file}: no such file")
     chain = qemu_img.info(source, backing_chain=True, force_share=True)
+    if not args.force_share:
+        _check_unlocked([args.file, *(layer["filename"] for layer in chain[1:])])
+    share = ["-U"] if args.force_share else []
     with catalog(args) as c:
         check_new_disk(c, args.name)
         _sweep(c)
@@ -254,10 +259,10 @@ def cmd_disk_import(args: argparse.Namespace) -> int:
         finals = [t.final for t in temps]
         try:
             if args.flatten:
-                qemu_img.run(["convert", "-q", "-U", "-f", chain[0]["format"], "-O", "qcow2",
+                qemu_img.run(["convert", "-q", *share, "-f", chain[0]["format"], "-O", "qcow2",
                               source, temps[0].path])
             else:
-                _copy_layers(chain, [t.path for t in temps], finals)
+                _copy_layers(chain, [t.path for t in temps], finals, share)
             _stamp([t.path for t in temps])
             for t in temps:
                 os.fsync(t.fd)
@@ -292,7 +297,30 @@ def _stamp(paths: list[str]) -> None:
         parent = identity.write_path(path, identity.new_id(), parent).content_id
 
 
-def _copy_layers(chain: list[dict[str, Any]], temps: list[str], finals: list[str]) -> None:
+def _check_unlocked(paths: list[str]) -> None:
+    """Refuse to copy an image another process may be writing: QEMU's lock bytes
+    (vdisk_block.locking) say whether it could be read consistently. qemu-img
+    then takes the same locks for the copy."""
+    from vdisk_block import locking
+    from vdisk_block.errors import ImageLocked
+
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue            # not a local file: qemu-img opens it (and says why not)
+        try:
+            locking.lock_for_read(fd, path)
+        except ImageLocked as e:
+            raise CliError(f"{path} is in use: {e.reason} (QEMU's image lock); stop that "
+                           "process first, or copy the image anyway with --force-share") \
+                from None
+        finally:
+            os.close(fd)        # and with it the locks taken
+
+
+def _copy_layers(chain: list[dict[str, Any]], temps: list[str], finals: list[str],
+                 share: list[str]) -> None:
     """Copy each layer base first, keeping only its own clusters; link to the copies.
 
     ``qemu-img convert -B PARENT`` writes only what the source layer itself
@@ -301,7 +329,7 @@ def _copy_layers(chain: list[dict[str, Any]], temps: list[str], finals: list[str
     """
     for i in reversed(range(len(chain))):
         layer = chain[i]
-        cmd = ["convert", "-q", "-U", "-f", layer["format"], "-O", "qcow2"]
+        cmd = ["convert", "-q", *share, "-f", layer["format"], "-O", "qcow2"]
         if i + 1 < len(chain):
             cmd += ["-B", temps[i + 1], "-F", "qcow2"]
         qemu_img.run([*cmd, layer["filename"], temps[i]])

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import time
 from typing import Any
 
 from . import qemu_img
 from .cli_common import (
+    IMAGE_RULE,
     CliError,
     Parser,
     control_options,
     datastore_dir,
+    datastore_image,
     datastore_options,
     emit,
-    image_arg,
+    fail_with,
     job_id,
     one_line,
     output_options,
@@ -61,9 +64,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("disk", metavar="DISK")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--into", metavar="IMAGE",
-                        help="an image of the chain (default: the top's backing file)")
+                        help="an image of the chain (default: the top's backing file): "
+                             + IMAGE_RULE)
     target.add_argument("--to", metavar="NEWFILE",
-                        help="a new image (in the datastore) on the backing file's backing")
+                        help="a new image of the datastore on the backing file's backing: "
+                             + IMAGE_RULE)
     p.add_argument("--no-pivot", action="store_true",
                    help="stop at ready, keeping the target in sync, until 'vdisk job "
                         "complete' or 'cancel' (served datastores only)")
@@ -86,7 +91,10 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("backup", parents=[out, ds, ctl, wait],
                        help="back up a live disk: snapshot, copy, consolidate")
     p.add_argument("disk", metavar="DISK")
-    p.add_argument("--to", required=True, metavar="FILE", help="the backup (a new qcow2 file)")
+    p.add_argument("--to", required=True, metavar="FILE|DIR",
+                   help="the backup: a new qcow2 file, or an existing directory (or a path "
+                        "ending in '/') to put DISK-<timestamp>.qcow2 in; relative to the "
+                        "current directory")
     p.set_defaults(func=cmd_backup)
 
 
@@ -184,9 +192,10 @@ def follow_or_explain(svc: Service, job: dict[str, Any], args: argparse.Namespac
 
 
 def finish(args: argparse.Namespace, job: dict[str, Any], text: str | None = None) -> int:
-    emit(args, job, text or job_summary(job))
     if job["state"] in ("failed", "interrupted", "cancelled"):
-        raise CliError(f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
+        fail_with(args, job, text or job_summary(job),
+                  f"job {job['id']} {job['state']}: {job.get('error') or 'no reason given'}")
+    emit(args, job, text or job_summary(job))
     return 0
 
 
@@ -214,9 +223,9 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     directory = datastore_dir(args)
     arguments: dict[str, Any] = {"disk": args.disk}
     if args.into:
-        arguments["into"] = image_arg(directory, args.into)
+        arguments["into"] = datastore_image(directory, args.into)[1]
     if args.to:
-        arguments["to"] = os.path.abspath(args.to)
+        arguments["to"] = datastore_image(directory, args.to, exists=False)[1]
     with service(args) as svc:
         job = consolidate(svc, args, arguments, pivot=not args.no_pivot)
     text = None
@@ -273,11 +282,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from vdisk_block.owner import Owner
 
     directory = datastore_dir(args)
-    dest = os.path.abspath(args.to)
-    if os.path.lexists(dest):
-        raise CliError(f"{args.to} already exists")
-    if not os.path.isdir(os.path.dirname(dest)):
-        raise CliError(f"{os.path.dirname(dest)}: no such directory")
+    dest = backup_destination(args.to, args.disk)
     tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{os.getpid()}.tmp")
     t0 = time.monotonic()
     with service(args) as svc, Owner(directory, f"vdisk backup {args.disk}") as me:
@@ -310,7 +315,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         except BaseException as e:
             if copy_error is not None:
                 raise copy_error from None
-            raise CliError(f"backup {args.to} is complete, but consolidating the snapshot "
+            raise CliError(f"backup {dest} is complete, but consolidating the snapshot "
                            f"back failed: {e}") from None
         if copy_error is not None:
             raise copy_error
@@ -321,11 +326,29 @@ def cmd_backup(args: argparse.Namespace) -> int:
               "consolidate": job}
     text = (f"backed up {args.disk} to {dest} ({human_bytes(result['bytes'])}, snapshot "
             f"{snap['frozen']})\n{job_summary(job)}")
-    emit(args, result, text)
     if job["state"] != "done":
-        raise CliError(f"backup {args.to} is complete, but consolidating the snapshot back "
-                       f"{job['state']}: {job.get('error') or 'no reason given'}")
+        fail_with(args, result, text, f"backup {dest} is complete, but consolidating the "
+                  f"snapshot back {job['state']}: {job.get('error') or 'no reason given'}")
+    emit(args, result, text)
     return 0
+
+
+def backup_destination(given: str, disk: str) -> str:
+    """The backup's absolute path: ``--to FILE``, a new file in an existing
+    directory; or ``--to DIR`` (an existing directory, or any path ending in
+    ``/``, which must then be one): a new file ``DISK-<timestamp>.qcow2`` in it."""
+    path = os.path.abspath(given)
+    if given.endswith(os.sep) or os.path.isdir(path):
+        if not os.path.isdir(path):
+            raise CliError(f"{given}: no such directory")
+        stem = f"{disk.replace(os.sep, '_')}-{time.strftime('%Y%m%dT%H%M%S')}"
+        names = (f"{stem}{f'-{n}' if n else ''}.qcow2" for n in itertools.count())
+        return next(p for p in (os.path.join(path, n) for n in names) if not os.path.lexists(p))
+    if os.path.lexists(path):
+        raise CliError(f"{given} already exists")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise CliError(f"{os.path.dirname(given)}: no such directory")
+    return path
 
 
 def _sync(path: str) -> None:

@@ -13,9 +13,11 @@ from typing import Any
 
 from . import blockpath  # noqa: F401  (makes vdisk_block importable)
 from .cli_common import (
+    IMAGE_RULE,
     CliError,
     control_options,
     datastore_dir,
+    datastore_image,
     emit,
     output_options,
     service,
@@ -28,8 +30,14 @@ def add_parsers(sub: Any) -> None:
     out, ctl = output_options(), control_options()
 
     p = sub.add_parser("info", parents=[out],
-                       help="show an image's chain with content IDs and their validity")
-    p.add_argument("image", metavar="IMAGE")
+                       help="show a chain with its content IDs and their validity: of an "
+                            "image file, or with -d of a disk or an image of the datastore")
+    p.add_argument("image", metavar="IMAGE|DISK",
+                   help="an image file; with -d, a disk's name or an image of the datastore: "
+                        + IMAGE_RULE)
+    p.add_argument("-d", "--datastore", metavar="DIR",
+                   help="the datastore: IMAGE|DISK is then a disk or one of its images, and "
+                        "the paths printed are relative to it")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("identity", help="content identity of images")
@@ -84,10 +92,29 @@ def chain_identity(top: str) -> list[dict[str, Any]]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    if not os.path.exists(args.image):
-        raise CliError(f"{args.image}: no such image")
-    layers = chain_identity(args.image)
-    lines = [f"chain of {os.path.abspath(args.image)} (top first):"]
+    out: dict[str, Any] = {}
+    if args.datastore is None:
+        if not os.path.exists(args.image):
+            raise CliError(f"{args.image}: no such image")
+        top = os.path.abspath(args.image)
+        layers = chain_identity(top)
+    else:
+        directory = datastore_dir(args)
+        disk = _disk_top(directory, args.image)
+        if disk is not None:
+            out["disk"] = args.image
+            top = os.path.join(directory, disk)
+        elif os.path.lexists(os.path.join(directory, args.image)):
+            top = datastore_image(directory, args.image)[0]
+        else:
+            raise CliError(f"{args.image}: no such disk or image in the datastore {directory}")
+        layers = chain_identity(top)
+        top = os.path.relpath(top, directory)
+        for layer in layers:
+            layer["image"] = os.path.relpath(layer["image"], directory)
+    out.update(image=top, chain=layers)
+    what = f"disk {out['disk']}" if "disk" in out else top
+    lines = [f"chain of {what} (top first):"]
     for i, layer in enumerate(layers):
         lines.append(f"{'  ' * i}{layer['image']}")
         pad = "  " * i + "    "
@@ -98,8 +125,20 @@ def cmd_info(args: argparse.Namespace) -> int:
             lines.append(f"{pad}content ID: identity {layer['state']}: {layer['reason']}")
         if layer["backing"] is not None:
             lines.append(f"{pad}parent ID  {layer['parent_id'] or '-'} ({layer['link']})")
-    emit(args, {"image": os.path.abspath(args.image), "chain": layers}, "\n".join(lines))
+    emit(args, out, "\n".join(lines))
     return 0
+
+
+def _disk_top(directory: str, name: str) -> str | None:
+    """The top image (datastore-relative) of the disk ``name``, None if there is none."""
+    from vdisk_block.catalog import Catalog
+
+    c = Catalog(directory)
+    try:
+        tops = {row["name"]: row["top"] for row in c.disks()}
+    finally:
+        c.close()
+    return tops.get(name)
 
 
 # --- identity stamp ----------------------------------------------------------------------------

@@ -57,9 +57,10 @@ class Result:
 
 
 def run_vdisk(*args: str | os.PathLike[str], check: bool = True,
-              timeout: float = COMMAND_TIMEOUT) -> Result:
+              timeout: float = COMMAND_TIMEOUT, cwd: Path | None = None) -> Result:
+    """``vdisk ARGS`` in ``cwd`` (default: the test's current directory)."""
     cp = subprocess.run([*CLI, *(os.fspath(a) for a in args)], stdin=subprocess.DEVNULL,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+                        capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd)
     result = Result(cp.returncode, cp.stdout, cp.stderr)
     if check and cp.returncode != 0:
         raise AssertionError(f"vdisk {' '.join(map(str, args))} failed with "
@@ -71,12 +72,13 @@ def run_vdisk(*args: str | os.PathLike[str], check: bool = True,
 class Datastore:
     path: Path
 
-    def vdisk(self, *args: str | os.PathLike[str], check: bool = True) -> Result:
+    def vdisk(self, *args: str | os.PathLike[str], check: bool = True,
+              cwd: Path | None = None) -> Result:
         """Run a vdisk command on this datastore (``-d DIR`` appended)."""
-        return run_vdisk(*args, "-d", self.path, check=check)
+        return run_vdisk(*args, "-d", self.path, check=check, cwd=cwd)
 
-    def json(self, *args: str | os.PathLike[str]) -> dict[str, Any]:
-        return self.vdisk(*args, "--json").json()
+    def json(self, *args: str | os.PathLike[str], cwd: Path | None = None) -> dict[str, Any]:
+        return self.vdisk(*args, "--json", cwd=cwd).json()
 
     def create(self, name: str, size: str = "64M") -> str:
         return str(self.json("disk", "create", name, "--size", size)["top"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -345,3 +348,53 @@ def test_consolidating_into_a_shared_base_is_refused(datastore: Datastore,
     qemu_img.compare(new, expected)
     qemu_img.compare(datastore.path / golden, golden_copy)
     assert datastore.disk("golden")["chain"] == [golden]
+
+
+@contextlib.contextmanager
+def qemu_nbd_writing(image: Path, sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """qemu-nbd serving ``image`` read-write (holding QEMU's write lock) until the
+    block ends; stopped by its pid."""
+    proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", str(sock), str(image)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            assert time.monotonic() < deadline, "qemu-nbd did not listen within 30 s"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(15)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_disk_import_honours_qemus_lock(datastore: Datastore, source_chain: Path,
+                                        tmp_path: Path, flatten: bool) -> None:
+    extra = ["--flatten"] if flatten else []
+    with qemu_nbd_writing(source_chain, tmp_path / "nbd.sock"):
+        result = datastore.vdisk("disk", "import", "vm1", source_chain, *extra, check=False)
+        assert result.returncode == 1
+        assert result.error_line() == (
+            f"{source_chain} is in use: another process holds the \"write\" permission "
+            "(QEMU's image lock); stop that process first, or copy the image anyway with "
+            "--force-share")
+        assert datastore.images() == [] and datastore.json("disk", "list")["disks"] == []
+        out = datastore.json("disk", "import", "vm1", source_chain, "--force-share", *extra)
+        assert out["disk"] == "vm1"
+    qemu_img.compare(datastore.path / out["top"], source_chain)
+
+
+def test_disk_import_of_a_chain_whose_base_qemu_writes(datastore: Datastore,
+                                                        source_chain: Path,
+                                                        tmp_path: Path) -> None:
+    mid = source_chain.parent / "mid.qcow2"
+    with qemu_nbd_writing(mid, tmp_path / "nbd.sock"):
+        result = datastore.vdisk("disk", "import", "vm1", source_chain, check=False)
+        assert result.error_line().startswith(f"{mid} is in use: ")
+    assert datastore.images() == []

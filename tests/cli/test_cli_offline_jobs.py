@@ -6,8 +6,10 @@ the data is checked with qemu-io patterns and ``qemu-img compare``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 from cliharness import Datastore, MiB, chain_length
 
 from vdisk import qemu_img, qemu_io
@@ -104,3 +106,35 @@ def test_backup_offline(datastore: Datastore, tmp_path: Path) -> None:
     assert datastore.disk("vm1")["chain"] == [base]
     assert datastore.images() == images
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("spelling", ["{dir}", "{dir}/"])
+def test_backup_into_a_directory(datastore: Datastore, tmp_path: Path, spelling: str) -> None:
+    """An existing directory (with or without a slash) gets DISK-<timestamp>.qcow2;
+    a second backup in the same second gets a name of its own."""
+    base = datastore.create("vm1", "4M")
+    qemu_io.run(datastore.path / base, "write -P 0x0c 0 1M")
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    given = spelling.format(dir=backups)
+    first = datastore.json("backup", "vm1", "--to", given)
+    second = datastore.json("backup", "vm1", "--to", given)
+    names = sorted(p.name for p in backups.iterdir())
+    assert len(names) == 2 and {first["backup"], second["backup"]} == \
+        {str(backups / n) for n in names}
+    for name in names:
+        assert re.fullmatch(r"vm1-\d{8}T\d{6}(-\d+)?\.qcow2", name), name
+        qemu_img.compare(backups / name, datastore.path / base)
+    assert datastore.disk("vm1")["chain"] == [base]
+
+
+def test_backup_to_a_missing_directory(datastore: Datastore, tmp_path: Path) -> None:
+    base = datastore.create("vm1", "4M")
+    for given, missing in ((f"{tmp_path}/nodir/", f"{tmp_path}/nodir/"), ("nodir/", "nodir/"),
+                           (f"{tmp_path}/nodir/vm1.qcow2", f"{tmp_path}/nodir")):
+        result = datastore.vdisk("backup", "vm1", "--to", given, check=False, cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.error_line() == f"{missing}: no such directory"
+    assert not (tmp_path / "nodir").exists()
+    assert datastore.disk("vm1")["chain"] == [base]
+    assert datastore.json("job", "list")["jobs"] == []

@@ -5,9 +5,12 @@ Usage errors (argparse) exit 2; a command that cannot be done exits 1.
 
 from __future__ import annotations
 
+import errno
 import io
+import json
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -15,15 +18,13 @@ import pytest
 from cliharness import REPO, Datastore, run_vdisk
 
 import vdisk
-from vdisk import cli
+from vdisk import cli, qemu_io
 from vdisk.cli_common import parse_size
 from vdisk.progress import ProgressBar, human_bytes, human_duration
 
 
 @pytest.mark.parametrize("args, reason", [
     (["bogus"], "invalid choice: 'bogus'"),
-    ([], "required: COMMAND"),
-    (["disk"], "required: ACTION"),
     (["disk", "frobnicate"], "invalid choice: 'frobnicate'"),
     (["disk", "list"], "required: -d/--datastore"),
     (["disk", "create", "vm1", "--size", "10X", "-d", "/nonexistent"], "invalid size '10X'"),
@@ -156,3 +157,104 @@ def test_human_units() -> None:
     assert human_bytes(3 << 30) == "3.0 GiB"
     assert human_duration(75) == "1:15"
     assert human_duration(3725) == "1:02:05"
+
+
+def test_no_arguments_print_the_usage() -> None:
+    result = run_vdisk(check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("usage: vdisk ")
+    for command in ("datastore", "disk", "serve", "snapshot", "consolidate", "job", "backup",
+                    "info", "replicate"):
+        assert f"\n    {command} " in result.stderr, command
+    assert result.stderr.splitlines()[-1] == \
+        "vdisk: error: the following arguments are required: COMMAND"
+    for command, action in (("job", "resume"), ("disk", "import"), ("datastore", "init"),
+                            ("identity", "stamp")):
+        result = run_vdisk(command, check=False)
+        assert result.returncode == 2 and result.stderr.startswith(f"usage: vdisk {command} ")
+        assert f"\n    {action} " in result.stderr
+        assert result.stderr.splitlines()[-1] == \
+            "vdisk: error: the following arguments are required: ACTION"
+
+
+def test_verbose_before_or_after_the_command(datastore: Datastore) -> None:
+    datastore.create("vm1")
+    for args in (["-v", "disk", "list", "-d", datastore.path],
+                 ["disk", "list", "-d", datastore.path, "-v"],
+                 ["disk", "list", "--verbose", "-d", datastore.path, "--json"]):
+        result = run_vdisk(*args)
+        assert "vdisk: vdisk.control: " in result.stderr, args
+    assert run_vdisk("disk", "list", "-d", datastore.path).stderr == ""
+
+
+def test_disk_help_names_its_actions() -> None:
+    for args in (["--help"], ["disk", "--help"]):
+        assert "create, import, list, info and remove disks" in run_vdisk(*args).stdout
+
+
+@pytest.mark.parametrize("args, code, reason", [
+    (["bogus", "--json"], 2, "argument COMMAND: invalid choice: 'bogus' (choose from "),
+    (["disk", "create", "vm1", "--size", "10X", "--json", "-d", "/x"], 2,
+     "argument --size: invalid size '10X' (examples: 10G, 512M, 65536)"),
+    (["disk", "list", "--js"], 2, "the following arguments are required: -d/--datastore"),
+    (["disk", "list", "--json", "-d", "/nonexistent"], 1,
+     "/nonexistent: no such datastore directory"),
+])
+def test_json_failures_print_an_error_object(args: list[str], code: int, reason: str) -> None:
+    result = run_vdisk(*args, check=False)
+    assert result.returncode == code
+    assert result.error_line().startswith(reason)
+    assert result.json() == {"error": result.error_line(), "code": code}
+
+
+def test_json_failure_of_a_command_on_a_datastore(datastore: Datastore) -> None:
+    result = datastore.vdisk("disk", "info", "vm9", "--json", check=False)
+    assert result.json() == {"error": result.error_line(), "code": 1}
+    assert result.error_line().endswith("disk 'vm9' does not exist")
+
+
+def test_json_failure_of_a_job_reports_the_job(datastore: Datastore,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that fails: one object, the error with the job as it ended."""
+    from vdisk_block.disk import Disk
+
+    datastore.create("vm1", "4M")
+    datastore.vdisk("snapshot", "vm1")
+    qemu_io.run(datastore.top("vm1"), "write -P 7 0 1M")
+
+    def broken_read(self: Disk, buf: memoryview, offset: int) -> None:
+        raise OSError(errno.EIO, "injected read error")
+
+    monkeypatch.setattr(Disk, "_read", broken_read)
+    codes: list[int] = []
+    # in a thread: main() installs its SIGTERM handler only in the main thread
+    thread = threading.Thread(target=lambda: codes.append(
+        cli.main(["consolidate", "vm1", "-d", str(datastore.path), "--json"])))
+    thread.start()
+    thread.join(60)
+    assert codes == [1]
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert len(lines) == 1, out.out
+    obj = json.loads(lines[0])
+    assert obj["code"] == 1 and obj["result"]["state"] == "failed"
+    assert obj["error"].startswith(f"job {obj['result']['id']} failed: ")
+    assert obj["error"].endswith("injected read error")
+    assert out.err == f"vdisk: error: {obj['error']}\n"
+
+
+def test_jobs_of_a_missing_disk(datastore: Datastore) -> None:
+    result = datastore.vdisk("job", "list", "--disk", "nosuch", "--json", check=False)
+    assert result.returncode == 1
+    assert result.error_line() == f"{datastore.path}: disk 'nosuch' does not exist"
+    assert result.json() == {"error": result.error_line(), "code": 1}
+
+
+def test_cancel_of_a_finished_job(datastore: Datastore) -> None:
+    datastore.create("vm1", "4M")
+    datastore.vdisk("snapshot", "vm1")
+    job = datastore.json("consolidate", "vm1")
+    result = datastore.vdisk("job", "cancel", str(job["id"]), check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.error_line() == f"{datastore.path}: job {job['id']} is done: nothing to cancel"
