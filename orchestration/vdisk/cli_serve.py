@@ -174,7 +174,8 @@ def _serve_foreground(args: argparse.Namespace, directory: str, opts: Options) -
 
 def _report(args: argparse.Namespace, status: dict[str, Any], *, detached: bool,
             log: str | None = None) -> None:
-    obj = {**status, "detached": detached, "disks": status.pop("workers")}
+    workers = status.pop("workers")
+    obj = {**status, "detached": detached, "disks": workers}
     if log is not None:
         obj["log"] = log
     lines = [f"serving {status['datastore']}: {len(obj['disks'])} disk(s), control "

@@ -169,6 +169,9 @@ def outputs(datastore: Datastore, tmp_path: Path, serve: Serve) -> Outputs:
         out.run(f"vdisk job {action}", str(dead_job(datastore, tmp_path, name)))
     served = serve(datastore)
     out.add("vdisk serve", served.info)
+    out.run("vdisk serve status")
+    out.run("vdisk disk uri", "vm1")
+    out.run("vdisk disk list")
     out.run("vdisk snapshot", "vm1")
     job = out.run("vdisk consolidate", "vm1", "--no-pivot")
     out.run("vdisk job complete", str(job["id"]))
@@ -185,4 +188,4 @@ def test_the_json_reference_matches_the_output(outputs: Outputs) -> None:
     problems += [p for command, objs in outputs.seen.items() if command in commands
                  for i, obj in enumerate(objs) for p in check(shapes, command, obj,
                                                              f"{command}#{i}")]
-    assert problems == []
+    assert problems == [], "\n".join(problems)

@@ -183,7 +183,7 @@ def test_verbose_before_or_after_the_command(datastore: Datastore) -> None:
                  ["disk", "list", "-d", datastore.path, "-v"],
                  ["disk", "list", "--verbose", "-d", datastore.path, "--json"]):
         result = run_vdisk(*args)
-        assert "vdisk: vdisk.control: " in result.stderr, args
+        assert "vdisk: vdisk.routing: " in result.stderr, args
     assert run_vdisk("disk", "list", "-d", datastore.path).stderr == ""
 
 
