@@ -155,12 +155,20 @@ def open(readonly):
     disk = _open_export(readonly)
     if _service is not None:
         _service.clients += 1
-    return {"disk": disk, "readonly": readonly or disk.readonly}
+    return {"disk": disk, "readonly": readonly or disk.readonly, "wrote": False}
 
 
 def close(h):
     if _service is not None:
         _service.clients -= 1
+        _service.writers -= h["wrote"]
+
+
+def _wrote(h):
+    """The connection changes the disk: counted once, until it closes."""
+    h["wrote"] = True
+    if _service is not None:
+        _service.writers += 1
 
 
 def get_size(h):
@@ -219,17 +227,23 @@ def pread(h, buf, offset, flags):
 
 @_errors
 def pwrite(h, buf, offset, flags):
+    if not h["wrote"]:
+        _wrote(h)
     h["disk"].write(buf, offset)
 
 
 @_errors
 def zero(h, count, offset, flags):
+    if not h["wrote"]:
+        _wrote(h)
     h["disk"].zero(count, offset, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
                fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
 
 
 @_errors
 def trim(h, count, offset, flags):
+    if not h["wrote"]:
+        _wrote(h)
     h["disk"].trim(count, offset)
 
 

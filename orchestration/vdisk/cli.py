@@ -36,7 +36,15 @@ from types import FrameType
 from typing import Any
 
 # blockpath makes vdisk_block (the block engine beside the plugin) importable
-from . import __version__, blockpath, cli_disk, cli_jobs, cli_replicate, cli_serve  # noqa: F401
+from . import (  # noqa: F401  (blockpath: vdisk_block importable)
+    __version__,
+    blockpath,
+    cli_disk,
+    cli_jobs,
+    cli_replicate,
+    cli_serve,
+    cli_snapshot,
+)
 from .cli_common import EXIT_USAGE, Parser, Stdout, UsageError, one_line
 from .errors import Error
 
@@ -53,6 +61,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     cli_disk.add_parsers(sub)
     cli_serve.add_parsers(sub)
+    cli_snapshot.add_parsers(sub)
     cli_jobs.add_parsers(sub)
     cli_replicate.add_parsers(sub)
     _complete(parser)

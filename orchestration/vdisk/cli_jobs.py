@@ -54,11 +54,6 @@ def add_parsers(sub: Any) -> None:
     wait.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT_S, metavar="SECONDS",
                       help="give up waiting when the job makes no progress for this long")
 
-    p = sub.add_parser("snapshot", parents=[out, ds, ctl],
-                       help="freeze a disk's top and put a new delta on it")
-    p.add_argument("disk", metavar="DISK")
-    p.set_defaults(func=cmd_snapshot)
-
     p = sub.add_parser("consolidate", parents=[out, ds, ctl, wait],
                        help="collapse a disk's top into an image below it, online")
     p.add_argument("disk", metavar="DISK")
@@ -200,14 +195,6 @@ def finish(args: argparse.Namespace, job: dict[str, Any], text: str | None = Non
 
 
 # --- snapshot / consolidate ------------------------------------------------------------------
-
-
-def cmd_snapshot(args: argparse.Namespace) -> int:
-    with service(args) as svc:
-        result = svc.execute("snapshot", {"disk": args.disk})
-    emit(args, result, f"{result['disk']}: new top {result['top']} "
-                       f"(frozen {result['frozen']})")
-    return 0
 
 
 def consolidate(svc: Service, args: argparse.Namespace, arguments: dict[str, Any],

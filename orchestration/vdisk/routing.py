@@ -37,7 +37,8 @@ from .errors import Error
 log = logging.getLogger(__name__)
 
 DISK_COMMANDS = frozenset({"snapshot", "consolidate", "backup-begin", "backup-end",
-                           "job-complete", "job-cancel", "job-resume", "query-disk"})
+                           "job-complete", "job-cancel", "job-resume", "query-disk",
+                           "snapshot-list", "snapshot-revert", "snapshot-delete", "resize"})
 WORKER_RESTART_S = 10.0     # how long a command waits for a restarting worker
 
 
@@ -180,6 +181,8 @@ class DatastoreClient:
                                   {"disk": s, "id": Arg(int)}),
             "disk-remove": Command(lambda _v, **a: view.disk_remove(**a),
                                    {"disk": Arg(str, True), "keep_images": Arg(bool)}),
+            "disk-rename": Command(lambda _v, **a: {**view.disk_rename(**a), "worker": None},
+                                   {"disk": Arg(str, True), "new": Arg(str, True)}),
             "disk-added": Command(lambda _v, **a: {"worker": None}, {"disk": Arg(str, True)}),
             "flush": Command(lambda _v, **a: {"flushed": 0}, {"disk": s}),
         }

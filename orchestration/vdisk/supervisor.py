@@ -314,6 +314,26 @@ class Supervisor:
         with DatastoreView(self.dir) as view:
             return view.disk_remove(disk, keep_images)
 
+    def disk_rename(self, disk: str, new: str) -> dict[str, Any]:
+        """Rename a served disk: its worker stops (refused while clients are
+        attached), and a worker for the new name serves on the new name's endpoint."""
+        from vdisk_block.datastore import DatastoreView
+
+        w = self.workers.get(disk)
+        if w is not None and w.state == "running":
+            clients = _clients(w)
+            if clients:
+                raise SupervisorError(f"disk {disk!r} has {clients} client(s) attached; "
+                                      "disconnect them first (its export name changes)")
+        self._on_main(lambda: self._stop_disk(disk))
+        try:
+            with DatastoreView(self.dir) as view:
+                out = view.disk_rename(disk, new)
+        except BaseException:
+            self._on_main(lambda: self._start_disk(disk))
+            raise
+        return {**out, "worker": self._on_main(lambda: self._start_disk(new))}
+
     def flush(self, disk: str | None = None) -> dict[str, Any]:
         from .control import ControlClient
 
@@ -346,6 +366,8 @@ def _commands() -> dict[str, Any]:
         "disk-added": Command(Supervisor.disk_added, {"disk": Arg(str, True)}),
         "disk-remove": Command(Supervisor.disk_remove, {"disk": Arg(str, True),
                                                         "keep_images": Arg(bool)}),
+        "disk-rename": Command(Supervisor.disk_rename, {"disk": Arg(str, True),
+                                                        "new": Arg(str, True)}),
         "flush": Command(Supervisor.flush, {"disk": s}),
     }
 

@@ -189,6 +189,20 @@ class ClusterMap:
             if self.get(s) >> LAYER_SHIFT == tag >> LAYER_SHIFT:
                 self.set(s, tag | (host + (s - first) * self.g) if host else ZERO)
 
+    def resize(self, size: int) -> None:
+        """The disk's virtual size changes: slots past a smaller end are cleared,
+        a larger end adds slots that read zeros."""
+        nslots = -(-size // self.g)
+        if nslots > MAX_SLOTS:
+            raise UnsupportedImage("", f"virtual size {size} is too large")
+        if nslots < self.nslots:
+            self.clear(nslots, self.nslots)
+        missing = -(-nslots // CHUNK) - len(self.chunks)
+        if missing > 0:
+            self.chunks.extend([None] * missing)
+            self.backing.extend([None] * missing)
+        self.size, self.nslots = size, nslots
+
     def freeze_backing(self) -> None:
         """Remember which slots the backing chain (everything below the top) holds."""
         self.backing = [None if c is None else array("Q", c) for c in self.chunks]

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from . import header as hdr
-from . import owner, recovery
+from . import owner, recovery, snapshots
 from .catalog import Catalog
 from .chain import chain_paths
 from .errors import ImageError, RequestError
@@ -78,11 +78,20 @@ class DatastoreView:
                 raise RequestError(self.dir, f"disk {disk!r} has a job: {row['kind']} job "
                                    f"{row['id']} ({row['state']})")
             chain = self._readable_chain(disk)
-            mine = {os.path.realpath(p) for p in chain}
+            own_snaps = [p for r in snapshots.of_disk(self.catalog, disk)
+                         for p in chain_paths(self.catalog.abspath(r["image"]), partial=True)
+                         if p not in chain]
+            mine = {os.path.realpath(p) for p in [*chain, *own_snaps]}
             for r in self.catalog.disks():
                 if r["name"] != disk:
                     mine -= {os.path.realpath(p) for p in self._readable_chain(r["name"])}
-            self.catalog.remove_disk(disk)
+                    for snap in snapshots.of_disk(self.catalog, r["name"]):
+                        mine -= {os.path.realpath(p) for p in chain_paths(
+                            self.catalog.abspath(snap["image"]), partial=True)}
+            with self.catalog.transaction() as db:
+                if db.execute("DELETE FROM disks WHERE name = ?", (disk,)).rowcount != 1:
+                    raise RequestError(self.dir, f"disk {disk!r} does not exist")
+                snapshots.remove(db, disk)
             deleted = []
             if not keep_images:
                 for p in sorted(mine):
@@ -91,8 +100,30 @@ class DatastoreView:
                     except FileNotFoundError:
                         continue
                     deleted.append(self.catalog.relpath(p))
-        kept = [self.catalog.relpath(p) for p in chain if os.path.exists(p)]
+        kept = [self.catalog.relpath(p) for p in [*chain, *own_snaps] if os.path.exists(p)]
         return {"disk": disk, "deleted": deleted, "kept": kept}
+
+    def disk_rename(self, disk: str, new: str) -> dict[str, Any]:
+        """Give a disk another name (its export name too). Its images keep their
+        file names; its jobs and snapshots follow it. Refused while another
+        process owns the disk, or while it has an unfinished job."""
+        from .catalog import check_disk_name
+
+        self.catalog.disk(disk)
+        check_disk_name(self.dir, new)
+        with owner.own_disk(self.dir, disk, owner.describe_self()):
+            recovery.recover_disk(self.catalog, disk)
+            row = self.catalog.active_job(disk)
+            if row is not None:
+                raise RequestError(self.dir, f"disk {disk!r} has a job: {row['kind']} job "
+                                   f"{row['id']} ({row['state']})")
+            with self.catalog.transaction() as db:
+                if db.execute("SELECT 1 FROM disks WHERE name = ?", (new,)).fetchone():
+                    raise RequestError(self.dir, f"disk {new!r} already exists")
+                db.execute("UPDATE disks SET name = ? WHERE name = ?", (new, disk))
+                db.execute("UPDATE jobs SET disk = ? WHERE disk = ?", (new, disk))
+                snapshots.rename_disk(db, disk, new)
+        return {"disk": new, "was": disk}
 
     def _readable_chain(self, name: str) -> list[str]:
         return chain_paths(self.catalog.abspath(self.catalog.disk(name)["top"]), partial=True)

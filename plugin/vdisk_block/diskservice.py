@@ -20,21 +20,21 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__, owner, recovery
+from . import __version__, owner, recovery, snapshots
 from .catalog import FINAL_STATES, IMAGES, Catalog
 from .chain import chain_paths, open_disk
-from .chainops import snapshot
 from .commands import Arg, Command, run
 from .disk import Disk
 from .errors import ImageError, RequestError
 from .files import sweep_stale_temps
 from .jobcommands import PIVOT_TIMEOUT_S, JobCommands
 from .mirror import ACTIVE, MirrorJob, State
+from .snapcommands import SnapshotCommands
 
 Event = dict[str, Any]
 
 
-class DiskService(JobCommands):
+class DiskService(JobCommands, SnapshotCommands):
     def __init__(self, directory: str, name: str, *, readonly: bool = False,
                  concurrent_reads: bool = False, what: str | None = None) -> None:
         self.catalog = Catalog(directory)
@@ -47,6 +47,7 @@ class DiskService(JobCommands):
             self.jobs: dict[int, MirrorJob] = {}
             self.listeners: list[Callable[[Event], None]] = []
             self.clients = 0                    # NBD connections open on the disk
+            self.writers = 0                    # ... of them that wrote (or zeroed, trimmed)
             self._lock = threading.RLock()
             self._journal = threading.Condition()
             self._disk: Disk | None = None
@@ -127,16 +128,27 @@ class DiskService(JobCommands):
         return bool(self.catalog.disk(self.name)["top"] == self.catalog.relpath(path))
 
     def users(self, path: str) -> list[str]:
-        """The other disks whose chain contains path (read from the headers)."""
+        """What else reads path (from the headers): the other disks whose chain
+        contains it, and the named snapshots off this disk's chain (of any disk)
+        whose chain does."""
         path = os.path.realpath(path)
+        chain = {os.path.realpath(f.path) for f in self._disk.layers} \
+            if self._disk is not None else set()
         out = []
         for r in self.catalog.disks():
-            if r["name"] == self.name:
-                continue
-            chain = chain_paths(self.catalog.abspath(r["top"]), partial=True)
-            if path in (os.path.realpath(p) for p in chain):
-                out.append(r["name"])
+            if r["name"] != self.name and path in _real_chain(self.catalog.abspath(r["top"])):
+                out.append(f"disk {r['name']!r}")
+        for snap in snapshots.all_rows(self.catalog):
+            image = os.path.realpath(self.catalog.abspath(snap["image"]))
+            if image not in chain and path in _real_chain(image):
+                out.append(f"snapshot {snap['name']!r} of disk {snap['disk']!r}")
         return out
+
+    def snapshot_images(self) -> dict[str, str]:
+        """{real path of an image a named snapshot records: 'snapshot S of disk D'}."""
+        return {os.path.realpath(self.catalog.abspath(s["image"])):
+                f"snapshot {s['name']!r} of disk {s['disk']!r}"
+                for s in snapshots.all_rows(self.catalog)}
 
     # -- commands -------------------------------------------------------------------
 
@@ -166,16 +178,6 @@ class DiskService(JobCommands):
                 "job": self._info(job) if job else None,
                 "owner": {"pid": os.getpid(), "what": self.what}}
 
-    def snapshot(self, disk: str) -> dict[str, Any]:
-        d = self.disk(disk)
-        with self._lock:
-            self._refuse_active()
-            frozen = self.catalog.relpath(d.path)
-            new = self.catalog.new_image_path(self.name)
-            snapshot(d, self.catalog.abspath(new),
-                     lambda _p: self.catalog.set_top(self.name, new), self.is_top)
-        return {"disk": self.name, "top": new, "frozen": frozen}
-
     def flush(self, disk: str | None = None) -> dict[str, Any]:
         """What the disk acknowledged is on disk, as an NBD flush would make it."""
         with self._lock:
@@ -191,6 +193,10 @@ class DiskService(JobCommands):
             listener(event)
 
 
+def _real_chain(top: str) -> set[str]:
+    return {os.path.realpath(p) for p in chain_paths(top, partial=True)}
+
+
 def open_error(e: BaseException) -> str:
     """The one line that says why a disk cannot be served."""
     return str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"
@@ -201,7 +207,12 @@ _DISK = {"disk": Arg(str, True)}
 _ID = {"id": Arg(int, True)}
 _COMMANDS: dict[str, Command] = {
     "query-disk": Command(DiskService.query_disk, {"disk": _S}),
-    "snapshot": Command(DiskService.snapshot, _DISK),
+    "snapshot": Command(DiskService.snapshot, {**_DISK, "name": _S}),
+    "snapshot-list": Command(DiskService.snapshot_list, _DISK),
+    "snapshot-revert": Command(DiskService.snapshot_revert, {**_DISK, "name": Arg(str, True),
+                                                             "force": _B}),
+    "snapshot-delete": Command(DiskService.snapshot_delete, {**_DISK, "name": Arg(str, True)}),
+    "resize": Command(DiskService.resize, {**_DISK, "size": Arg(int, True), "shrink": _B}),
     "consolidate": Command(DiskService.consolidate, {**_DISK, "into": _S, "to": _S,
                                                      "pivot": _B}),
     "backup-begin": Command(DiskService.backup_begin, {**_DISK, "owner": Arg(str, True),

@@ -41,6 +41,7 @@ class JobCommands:
     settle: Callable[[], None]
     token: str
     users: Callable[[str], list[str]]
+    snapshot_images: Callable[[], dict[str, str]]
     is_top: Callable[[str], bool]
     _emit: Callable[[dict[str, Any]], None]
 
@@ -65,11 +66,20 @@ class JobCommands:
                 if os.path.exists(new_path):
                     raise RequestError(self.dir, f"{to} already exists")
             collapse = index + 1 if new_path else index
+            # what the job writes (an image of the chain) or drops must not be a
+            # named snapshot's image: the snapshot would no longer be its moment
+            named = self.snapshot_images()
+            for f in d.layers[:index + 1]:
+                what = named.get(os.path.realpath(f.path))
+                if what is not None:
+                    raise RequestError(self.dir, f"{self.catalog.relpath(f.path)} is the image "
+                                       f"of {what}, which a consolidation would change; "
+                                       "'vdisk snapshot delete' merges into it")
             if not new_path:
                 users = self.users(d.layers[index].path)
                 if users:
                     raise RequestError(self.dir, f"{self.catalog.relpath(d.layers[index].path)} "
-                                       f"is also used by disk(s) {', '.join(users)}; "
+                                       f"is also used by {', '.join(users)}; "
                                        "consolidate --to a new image instead")
             job_id = self.catalog.add_job(
                 disk, "consolidate", target=self.catalog.relpath(new_path or d.layers[index].path),

@@ -332,12 +332,12 @@ def test_consolidating_into_a_shared_base_is_refused(datastore: Datastore,
     qemu_io.run(datastore.path / clone, "write -P 0x77 0 1M")
     result = datastore.vdisk("consolidate", "clone", check=False)
     assert result.returncode == 1
-    assert "also used by disk(s) golden" in result.error_line()
+    assert "also used by disk 'golden'" in result.error_line()
 
     datastore.vdisk("snapshot", "clone")
     qemu_io.run(datastore.top("clone"), "write -P 0x78 1M 1M")
     result = datastore.vdisk("consolidate", "clone", "--into", golden, check=False)
-    assert "also used by disk(s) golden" in result.error_line()
+    assert "also used by disk 'golden'" in result.error_line()
     # --to a new image on the shared base collapses the clone's own layers only
     expected = tmp_path / "clone.raw"
     qemu_img.convert(datastore.top("clone"), expected)

@@ -58,15 +58,14 @@ def three_disks(root: Path) -> tuple[Datastore, bytes]:
 def try_serve(ds: Path, workdir: Path, job_id: int) -> str:
     """A second ``vdisk serve``: refused in one line, or serving without taking
     the running job for a dead one (then stopped again). Returns what happened."""
-    sock = workdir / "second.sock"
-    bg = Background(["serve", "-d", ds, "--unix", sock, "--control", workdir / "c2.sock",
-                     "--json"], workdir, name="serve2")
+    bg = Background(["serve", "-d", ds, "--unix-dir", workdir / "second", "--json"], workdir,
+                    name="serve2")
     try:
         end = time.monotonic() + 30
         while bg.proc.poll() is None and not bg.out.read_text():
             assert time.monotonic() < end, "a second vdisk serve neither served nor refused"
             time.sleep(0.05)
-        if bg.proc.poll() is not None:
+        if bg.proc.poll() is not None or "error" in json.loads(bg.out.read_text()):
             refusal(bg.wait(), "a second vdisk serve")
             return "refused"
         state = {j["id"]: j["state"] for j in catalog_jobs(ds)}[job_id]
