@@ -2,25 +2,32 @@
 
 Every test boots the test guest (vm-images/) from a chain served by nbdkit
 with the vdisk plugin: a copy of the guest image as the base, a fresh qcow2
-overlay on top. The guest's workload comes from its fw_cfg configuration;
-its verdict from its serial console. Afterwards QEMU's own tools judge the
-images: ``qemu-img check``, ``qemu-io`` pattern reads, ``qemu-img compare``
-against the same writes made by qemu-io, and the base's sha256.
+overlay on top; nbd-client in the guest attaches a second disk, of a
+datastore served by ``vdisk serve --ports``. The guest's workload comes from
+its fw_cfg configuration; its verdict from its serial console. Afterwards
+QEMU's own tools judge the images: ``qemu-img check``, ``qemu-io`` pattern
+reads, ``qemu-img compare`` against the same writes made by qemu-io, and the
+base's sha256.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from guestharness import BOOT_TIMEOUT, EXIT_TIMEOUT, GuestChain, free_tcp_port, sha256_file
+from guestharness import (
+    BOOT_TIMEOUT,
+    EXIT_TIMEOUT,
+    GuestChain,
+    serve_on_a_free_port,
+    sha256_file,
+)
 
 from vdisk import attach, guest, qemu_img, qemu_io, records
-from vdisk.errors import AddressInUse
+from vdisk.lifedemo import vdisk
 from vdisk.machine import Machine
 from vdisk.nbdkit import NbdkitServer
 
@@ -28,6 +35,7 @@ pytestmark = pytest.mark.boot
 
 KiB = 1024
 MiB = 1024 * KiB
+DISK2 = "second"  # the disk nbd-client attaches in the guest
 
 
 def boot_args(how: str, server: NbdkitServer) -> list[str]:
@@ -120,33 +128,24 @@ def _second_export(images: Path) -> tuple[Path, Path, str]:
     return base, top, sha256_file(base)
 
 
-@contextlib.contextmanager
-def _serve_tcp(top: Path, workdir: Path) -> Iterator[NbdkitServer]:
-    """Serve ``top`` on 127.0.0.1 at a free port."""
-    for _ in range(5):  # another process may take the free port before nbdkit binds it
-        server = NbdkitServer([f"image={top}"], workdir, tcp_port=free_tcp_port(), name="tcp")
-        try:
-            server.start()
-        except AddressInUse:
-            continue
-        try:
-            yield server
-        finally:
-            server.stop()
-        return
-    raise AssertionError("no free TCP port on 127.0.0.1 after 5 attempts")
-
-
-def test_nbd_client_in_guest_reads_and_writes_second_export(
-    guest_chain: GuestChain, server_dir: Path, tmp_path: Path
-) -> None:
-    base2, top2, base2_sha256 = _second_export(guest_chain.base.parent)
+def test_nbd_client_in_guest_reads_and_writes_a_served_disk(
+    guest_chain: GuestChain, server_dir: Path, tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:  # fmt: skip
+    """nbd-client in the guest attaches a disk of a datastore served by ``vdisk serve
+    --ports``: the disk's own TCP port, the disk's name as the export."""
+    base2, top2, _ = _second_export(guest_chain.base.parent)
+    datastore = tmp_path_factory.mktemp("nc")
+    vdisk("datastore", "init", datastore)
+    imported = vdisk("disk", "import", DISK2, top2, "-d", datastore)["chain"]
+    top, base = (datastore / image for image in imported)
+    base_sha256 = sha256_file(base)
     pattern, offset, length = 0x77, 1536 * KiB, 2 * MiB  # across base data and empty space
     with NbdkitServer([f"image={guest_chain.top}"], server_dir) as server:
-        with _serve_tcp(top2, server_dir) as second:
-            assert second.tcp_port is not None
+        with serve_on_a_free_port(datastore, tmp_path / "serve.log") as second:
             # QEMU user networking: the host's 127.0.0.1 is 10.0.2.2 in the guest
-            command = attach.nbd_client_args("10.0.2.2", second.tcp_port)
+            port = second.endpoint(DISK2)["port"]
+            command = attach.nbd_client_args("10.0.2.2", port, export=DISK2)
             config = guest.config_text(
                 "nbdclient", nbd_client_arg=command, read_offset=0, read_length=2 * MiB,
                 pattern=f"0x{pattern:02x}", offset=offset, length=length,
@@ -158,6 +157,7 @@ def test_nbd_client_in_guest_reads_and_writes_second_export(
                 fw_cfg={guest.FW_CFG_NAME: config},
             ) as vm:
                 fields = verdict(vm, "nbdclient")
+            assert second.stop() == 0
 
     assert int(fields["size"]) == 64 * MiB
     host_view = b"\x11" * MiB + b"\x22" * MiB
@@ -165,9 +165,9 @@ def test_nbd_client_in_guest_reads_and_writes_second_export(
     read_line = next(line for line in vm.console_lines if "VDISK-NBDCLIENT: read " in line)
     assert guest.marker_fields(read_line)["sha256"] == hashlib.sha256(host_view).hexdigest()
 
-    qemu_img.check_clean(top2, allow_leaks=False)
+    qemu_img.check_clean(top, allow_leaks=False)
     qemu_io.run(
-        top2,
+        top,
         "read -P 0x11 0 1M",
         "read -P 0x22 1M 512k",
         f"read -P 0x{pattern:02x} {offset} {length}",
@@ -175,8 +175,8 @@ def test_nbd_client_in_guest_reads_and_writes_second_export(
         fmt="qcow2",
     )
     expected = expect_writes(base2, "second-expected.qcow2", [f"write -P 0x77 {offset} {length}"])
-    qemu_img.compare(top2, expected)
-    assert sha256_file(base2) == base2_sha256
+    qemu_img.compare(top, expected)
+    assert sha256_file(base) == base_sha256
     assert_base_unchanged(guest_chain)
 
 
