@@ -186,7 +186,9 @@ def test_writer_guest_through_backup_consolidate_and_pivot(
             report = records.verify(read, done)
         assert report.records_found == len(done.expected()) == done.records
         jobs = vdisk("job", "list", "-d", datastore)["jobs"]
-        assert [j["state"] for j in jobs] == ["done"] * 3
+        # newest first: two consolidations, then the backup's merge back and the backup
+        assert [(j["kind"], j["state"]) for j in jobs] == \
+            [("consolidate", "done")] * 3 + [("backup", "done")]
         served_chain = disk_chain(server.control, DISK)
         assert server.stop() == 0
 

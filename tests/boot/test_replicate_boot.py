@@ -117,7 +117,7 @@ def test_guest_boots_from_replicated_linked_clone(
     config = guest.config_text("selftest", pattern=f"0x{pattern:02x}", offset=selftest_offset,
                                length=length)  # fmt: skip
     with VdiskServer(target, target / "run", log_path=tmp_path / "serve.log") as server:
-        assert sorted(server.info["exports"]) == [DISK, CLONE]
+        assert sorted(server.exports) == [DISK, CLONE]
         with Machine(
             tmp_path, args=attach.qemu_drive_args(server.uri(CLONE)),
             fw_cfg={guest.FW_CFG_NAME: config},
