@@ -418,6 +418,10 @@ class Disk:
     def flush(self) -> None:
         with self.lock:
             if self.top is not None:
+                if self.top.refcounts.pending_free:
+                    # the flush frees clusters the top stopped using: no read
+                    # outside the lock may still be reading one (concurrent_reads)
+                    self.drain_reads()
                 self.top.flush()
 
     def close(self) -> None:

@@ -276,3 +276,32 @@ def test_cancelled_into_job_leaves_no_leak_and_a_second_job_reads_right(tmp_path
     disk.close()
     assert_matches_oracle(base, oracle, tmp_path)
     assert qemu_img.check(base)["leaks"] == 0
+
+
+def test_a_flush_frees_no_cluster_a_read_outside_the_lock_still_reads(tmp_path: Path, opened,
+                                                                      monkeypatch) -> None:
+    """threads=parallel: a read is in flight on a cluster when a trim drops it
+    and a flush frees it; a write elsewhere must not reuse it under the read."""
+    import vdisk_block.disk as disk_module
+
+    top = tmp_path / "top.qcow2"
+    qemu_img.create(top, size=4 * MiB)
+    qemu_io.run(top, "write -P 0xaa 0 64k")
+    disk = opened(top)
+    disk.concurrent_reads = True
+    gate = _GatedOs()
+    monkeypatch.setattr(disk_module, "os", gate)
+    got: list[bytes] = []
+    reader = gate.thread = threading.Thread(target=lambda: got.append(disk.read(4096, 0)))
+    reader.start()
+    assert gate.in_flight.wait(10)
+    disk.trim(65536, 0)                     # the cluster the read is on: freed at flush
+    flusher = threading.Thread(target=disk.flush)
+    flusher.start()
+    flusher.join(0.5)
+    if not flusher.is_alive():              # (the bug: freed under the read) ...
+        disk.write(b"\xbb" * 65536, 2 * MiB)    # ... and reused by this allocation
+    gate.open.set()
+    for t in (reader, flusher):
+        t.join(30)
+    assert got == [b"\xaa" * 4096], "a read returned data of a cluster freed under it"
