@@ -352,6 +352,11 @@ class MirrorJob:
         if target is None:
             return
         with self._io:                  # no sync of the copy thread still under way
+            if target.top is not None and not self.new_path:
+                try:                    # an image of the chain: what it holds stays whole
+                    target.top.flush()
+                except OSError:
+                    pass                # (a failing target: leaks at worst)
             target.layers[0].close()
             self._target = None
         if self.new_path:

@@ -14,6 +14,15 @@ refcount drops only after no reference to it is left on disk: a crash can
 leak clusters, never leave a referenced cluster with refcount 0. Freed clusters
 are not reused before the flush that drops their refcount, so no data write
 can land in a cluster that an on-disk L2 entry still points to.
+
+Clusters are handed out from a reserve whose refcounts are already on disk
+(synced when the reserve is made): the top may then write an L2 entry for a
+new cluster into the file at once (top.py), so a write acknowledged and not
+yet flushed survives the death of the process, and no power loss can leave
+that entry pointing at a cluster with refcount 0. The reserve grows from
+RESERVE_MIN to RESERVE_MAX clusters at a time between flushes; what is left
+of it goes back at each flush, with the deferred frees (a crash leaks at
+most that much; a flushed image checks clean).
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from . import header as hdr
 from .errors import MalformedImage
 
 _ARRAY_CODE = {8: "B", 16: "H", 32: "I", 64: "Q"}
+RESERVE_MIN = 8
+RESERVE_MAX = 256
 
 
 def decode_block(raw: bytes, bits: int) -> list[int]:
@@ -73,6 +84,8 @@ class Refcounts:
         self.table_moved = False
         self.pending_free: list[int] = []
         self.free_index = 0
+        self.reserved: list[list[int]] = []   # [first, count]: refcount 1 on disk, unused
+        self._reserve_next = RESERVE_MIN
         self._load(file_size)
 
     # -- loading ---------------------------------------------------------
@@ -127,22 +140,45 @@ class Refcounts:
         return end
 
     def allocate(self, n: int) -> int:
-        """Allocate n contiguous clusters (refcount 1); return the host offset."""
+        """n contiguous clusters, from the reserve (refcount 1, on disk already);
+        returns the host offset."""
+        for run in self.reserved:
+            if run[1] >= n:
+                first = run[0]
+                run[0] += n
+                run[1] -= n
+                if not run[1]:
+                    self.reserved.remove(run)
+                return first * self.cs
+        self._reserve(max(n, self._reserve_next))
+        self._reserve_next = min(self._reserve_next * 2, RESERVE_MAX)
+        return self.allocate(n)
+
+    def _reserve(self, n: int) -> None:
+        """n more contiguous clusters for the reserve, their refcounts synced."""
         start = self._find_free(n)
         self._grow(start + n)
         for c in range(start, start + n):
             self._set(c, 1)
         for c in range(start, start + n):
             self._mark(c)
-        return start * self.cs
+        self.write_increments(False)
+        self.reserved.append([start, n])
 
     def undo_allocate(self, offset: int, n: int) -> None:
-        """Give back clusters whose allocation never became visible on disk."""
-        first = offset // self.cs
-        for c in range(first, first + n):
-            self._set(c, 0)
-            self._mark(c)
-        self.free_index = min(self.free_index, first)
+        """Clusters whose use never reached the disk go back to the reserve."""
+        self.reserved.append([offset // self.cs, n])
+
+    def release_reserved(self) -> None:
+        """What is left of the reserve gets refcount 0 again (written by
+        release_pending, at the flush). Nothing references it."""
+        for first, n in self.reserved:
+            for c in range(first, first + n):
+                self._set(c, 0)
+                self._mark(c)
+            self.free_index = min(self.free_index, first)
+        self.reserved.clear()
+        self._reserve_next = RESERVE_MIN
 
     def add_ref(self, cluster: int) -> None:
         if self.get(cluster) >= self.max_count:
@@ -230,7 +266,7 @@ class Refcounts:
 
     def release_pending(self) -> None:
         """Apply deferred frees, after no on-disk reference to them remains."""
-        if not self.pending_free:
+        if not self.pending_free and not self.dirty_blocks:
             return
         pending, self.pending_free = self.pending_free, []
         blocks = set()

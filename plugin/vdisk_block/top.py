@@ -1,8 +1,13 @@
 """Metadata of the writable top image: L1/L2 in memory, written back at flush.
 
 L2 tables of the top are all kept in memory (they were read to build the
-cluster map anyway); changed tables and L1 entries are written at flush, after
-the refcounts that make them valid (see refcounts.py for the full ordering).
+cluster map anyway). A changed L2 entry is written into the file at once (a
+new L2 table whole and synced before the L1 entry that points at it), after
+the refcount that makes it valid, which the cluster reserve has put on disk
+already (refcounts.py): a write acknowledged before the process died is in
+the file (the page cache keeps it), and a flush makes it all durable with one
+sync, before it drops the refcounts of what the entries stopped using (and
+of the reserve's unused clusters: a flushed image checks clean).
 """
 
 from __future__ import annotations
@@ -36,8 +41,6 @@ class TopImage:
         self.v3 = h.version >= 3
         self.l1 = f.l1
         self.l2: dict[int, array] = {}
-        self.dirty_l2: set[int] = set()
-        self.dirty_l1: set[int] = set()
         self.data_dirty = False
         self.refcounts = Refcounts(f.fd, f.path, h, f.file_size)
         self._fresh_id_pending = True
@@ -88,17 +91,27 @@ class TopImage:
         return l2[cluster % self.span] if l2 is not None else 0
 
     def set_entry(self, cluster: int, value: int) -> None:
+        """Set an L2 entry, in memory and in the file (see the module's doc)."""
         i, k = divmod(cluster, self.span)
         l2 = self.l2.get(i)
+        self.data_dirty = True
         if l2 is None:
             if not value:
                 return
             off = self.refcounts.allocate(1)
-            l2 = self.l2[i] = array("Q", bytes(self.cs))
+            l2 = array("Q", bytes(self.cs))
+            l2[k] = value
+            table = array("Q", l2)
+            table.byteswap()
+            os.pwrite(self.fd, table.tobytes(), off)
+            os.fdatasync(self.fd)               # the table, before anything points at it
+            self.l2[i] = l2
             self.l1[i] = off | COPIED
-            self.dirty_l1.add(i)
+            os.pwrite(self.fd, struct.pack(">Q", self.l1[i]),
+                      self.f.header.l1_table_offset + 8 * i)
+            return
         l2[k] = value
-        self.dirty_l2.add(i)
+        os.pwrite(self.fd, struct.pack(">Q", value), (self.l1[i] & OFFSET_MASK) + 8 * k)
 
     def release(self, entry: int) -> None:
         """Drop the clusters an entry being replaced referred to (after flush)."""
@@ -166,26 +179,11 @@ class TopImage:
     # -- flush ----------------------------------------------------------------
 
     def flush(self) -> None:
+        """Everything written so far durable (data, entries, refcounts: one sync);
+        then the refcounts of what the entries stopped using, and of the unused
+        reserve, dropped (a second sync, when there are any)."""
         rc = self.refcounts
         rc.write_increments(self.data_dirty)
         self.data_dirty = False
-        if self.dirty_l2:
-            for i in sorted(self.dirty_l2):
-                l2 = array("Q", self.l2[i])
-                l2.byteswap()
-                os.pwrite(self.fd, l2.tobytes(), self.l1[i] & OFFSET_MASK)
-            self.dirty_l2.clear()
-            os.fdatasync(self.fd)
-        if self.dirty_l1:
-            base = self.f.header.l1_table_offset
-            for i in sorted(self.dirty_l1):
-                os.pwrite(self.fd, struct.pack(">Q", self.l1[i]), base + 8 * i)
-            self.dirty_l1.clear()
-            os.fdatasync(self.fd)
+        rc.release_reserved()
         rc.release_pending()
-
-    @property
-    def dirty(self) -> bool:
-        rc = self.refcounts
-        return bool(self.data_dirty or self.dirty_l2 or self.dirty_l1 or rc.dirty_blocks
-                    or rc.table_dirty or rc.pending_free)
