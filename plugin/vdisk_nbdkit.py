@@ -16,6 +16,8 @@ import errno
 import functools
 import os
 import sys
+import threading
+import time
 
 import nbdkit
 
@@ -39,6 +41,8 @@ _KEYS = {
     "datastore": "the vdisk datastore of disk=",
     "disk": "with datastore=: the disk to serve, as the export of its name",
     "control": "with datastore=: path of the disk's control socket to listen on",
+    "supervisor": "with datastore=: the pid of the vdisk serve that runs this worker; "
+                  "when it is gone, the worker flushes the disk and exits",
     "threads": "thread model: serialize (default) or parallel",
 }
 _THREAD_MODELS = {
@@ -78,6 +82,8 @@ def config(key, value):
         raise ValueError(f"unknown parameter {key!r}; known: {', '.join(sorted(_KEYS))}")
     if key in _config:
         raise ValueError(f"parameter {key!r} given twice")
+    if key == "supervisor" and not value.isdigit():
+        raise ValueError(f"supervisor={value!r}: expected a pid")
     if key == "threads" and value not in _THREAD_MODELS:
         raise ValueError(f"threads={value!r}: expected one of {', '.join(_THREAD_MODELS)}")
     _config[key] = value
@@ -119,6 +125,23 @@ def after_fork():
     global _control
     if _service is not None and "control" in _config:
         _control = ControlServer(os.path.abspath(_config["control"]), _service)
+    if _service is not None and "supervisor" in _config:
+        threading.Thread(target=_watch_supervisor, args=(int(_config["supervisor"]),),
+                         name="vdisk-supervisor-watch", daemon=True).start()
+
+
+def _watch_supervisor(pid):
+    """The worker's life is its supervisor's: nbdkit stops on the SIGTERM that
+    --exit-with-parent sends only once its clients leave, and would keep the
+    disk (its lock, its endpoint) from the next `vdisk serve`. When the
+    supervisor is gone, what the disk acknowledged is flushed and the worker
+    exits at once; clients reconnect to the next server's worker."""
+    while os.getppid() == pid:
+        time.sleep(0.5)
+    try:
+        _service.flush()
+    finally:
+        os._exit(0)
 
 
 def cleanup():

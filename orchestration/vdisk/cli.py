@@ -29,6 +29,7 @@ import functools
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Sequence
@@ -140,6 +141,17 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def _by_sigterm(e: BaseException) -> bool:
+    """Whether SIGTERM (not Ctrl-C) is what the interrupt e comes from."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 16:
+        if isinstance(cur, Terminated):
+            return True
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from vdisk_block.errors import ImageError
 
@@ -159,8 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         return _fail(str(e), EXIT_USAGE, as_json)
     except cli_jobs.JobInterrupted as e:
-        return _fail(str(e), EXIT_TERMINATED if isinstance(e.__context__, Terminated)
-                     else EXIT_INTERRUPTED, as_json)
+        return _fail(str(e), EXIT_TERMINATED if _by_sigterm(e) else EXIT_INTERRUPTED, as_json)
     except Terminated:
         return _fail("terminated", EXIT_TERMINATED, as_json)
     except KeyboardInterrupt:
@@ -172,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{where}{e.strerror or e}", EXIT_FAILURE, as_json)
     except argparse.ArgumentTypeError as e:
         return _fail(str(e), EXIT_USAGE, as_json)
+    except sqlite3.Error as e:          # the catalog: full filesystem, locked, damaged
+        return _fail(f"{args.datastore if getattr(args, 'datastore', None) else 'catalog'}: "
+                     f"the catalog: {e}", EXIT_FAILURE, as_json)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,11 @@ def cmd_datastore_init(args: argparse.Namespace) -> int:
 def cmd_disk_create(args: argparse.Namespace) -> int:
     from vdisk_block.chainops import relative_backing
     from vdisk_block.create import create_qcow2
+    from vdisk_block.usage import images_lock
 
-    with catalog(args) as c:
+    with catalog(args) as c, images_lock(c.dir, f"vdisk disk create {args.name}"):
+        # (under the images lock: the image a clone starts from is not deleted
+        # between the checks below and the catalog naming the clone)
         check_new_disk(c, args.name)
         backing = _frozen_image(c, args.backing) if args.backing else None
         try:
@@ -202,7 +205,9 @@ def _new_size(args: argparse.Namespace, backing: Any) -> int:
 
 def _frozen_image(c: Any, name: str) -> Any:
     """The image a linked clone continues, opened read-only (the caller closes it):
-    a qcow2 image of the datastore with a valid content ID that no disk writes."""
+    a qcow2 image of the datastore with a valid content ID that no disk writes,
+    and a moment of its disk (no consolidation into it was left half done)."""
+    from vdisk_block import recovery
     from vdisk_block.chain import open_chain
 
     given, argument = datastore_image(c.dir, name)
@@ -211,6 +216,9 @@ def _frozen_image(c: Any, name: str) -> Any:
         if os.path.realpath(c.abspath(disk["top"])) == os.path.realpath(path):
             raise CliError(f"{name} is the top of disk {disk['name']!r}: snapshot it first, "
                            "a linked clone needs a frozen image")
+    why = recovery.not_a_moment(c, argument)
+    if why is not None:
+        raise CliError(f"{name} {why}")
     layers = open_chain(path, readonly=True)    # refuses a modified parent
     for f in layers[1:]:
         f.close()

@@ -302,8 +302,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
         except BaseException as e:
             if copy_error is not None:
                 raise copy_error from None
+            merge = f"'vdisk consolidate {args.disk} --into {snap['frozen']}' merges it"
+            if isinstance(e, (KeyboardInterrupt, JobInterrupted)):
+                raise JobInterrupted(f"interrupted; backup {dest} is complete, its snapshot "
+                                     f"{snap['frozen']} stays in the chain ({merge})") from e
             raise CliError(f"backup {dest} is complete, but consolidating the snapshot "
-                           f"back failed: {e}") from None
+                           f"back failed: {one_line(str(e)) or type(e).__name__} "
+                           f"({merge})") from None
         if copy_error is not None:
             raise copy_error
     info = qemu_img.info(dest)

@@ -258,35 +258,26 @@ def move_disk(catalog: Any, disk: str, source_top: SourceTop, top_copy: str,
     its top; the old top (still empty: checked again) is removed unless another
     disk's chain uses it. The layers below it stay, for later replicates."""
     from vdisk_block.files import fsync_dir
+    from vdisk_block.owner import Busy, own_disk
+    from vdisk_block.usage import unneeded
 
-    if check_refresh(catalog, disk) != old_top:
-        raise ReplicateError(f"disk {disk!r} on {catalog.dir} changed while it was "
-                             "being refreshed")
-    rel = _new_top(catalog, disk, source_top, top_copy)
-    try:
-        catalog.set_top(disk, rel)
-    except BaseException:
-        os.unlink(catalog.abspath(rel))
-        raise
-    path = catalog.abspath(old_top)
-    if not _used(catalog, path):
-        os.unlink(path)
-        fsync_dir(os.path.dirname(path))
-    return rel
-
-
-def _used(catalog: Any, path: str) -> bool:
-    """Whether a disk's chain goes through the image (a chain that cannot be
-    read counts as using it)."""
-    from vdisk_block.chain import chain_paths
-    from vdisk_block.errors import ImageError
-
-    real = os.path.realpath(path)
-    for d in catalog.disks():
+    try:            # the disk's owner for the switch: no server may serve it meanwhile
+        lock = own_disk(catalog.dir, disk, "vdisk replicate (refreshing the disk)")
+    except Busy as e:
+        raise ReplicateError(f"{catalog.dir}: cannot refresh {e}") from None
+    with lock:
+        if check_refresh(catalog, disk) != old_top:
+            raise ReplicateError(f"disk {disk!r} on {catalog.dir} changed while it was "
+                                 "being refreshed")
+        rel = _new_top(catalog, disk, source_top, top_copy)
         try:
-            chain = chain_paths(catalog.abspath(d["top"]))
-        except (OSError, ImageError):
-            return True
-        if real in {os.path.realpath(p) for p in chain}:
-            return True
-    return False
+            catalog.set_top(disk, rel)
+        except BaseException:
+            os.unlink(catalog.abspath(rel))
+            raise
+        path = catalog.abspath(old_top)
+        # (the session holds the images lock: what nothing needs can go now)
+        for gone in unneeded(catalog, [path], tops=[path]):
+            os.unlink(gone)
+            fsync_dir(os.path.dirname(gone))
+    return rel

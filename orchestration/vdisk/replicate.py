@@ -85,9 +85,13 @@ class Session:
         change the source first (a snapshot) call it before they do."""
         if self.catalog is None:
             # the lock first: replicates racing to make one new target take turns
+            from vdisk_block.usage import images_lock
+
             directory = target.prepare_target(self.target_dir)
             self._stack.enter_context(target.target_lock(directory))
             catalog = target.open_target(directory)
+            # no image of the target is deleted while copies may link to it
+            self._stack.enter_context(images_lock(directory, "vdisk replicate"))
             self._stack.callback(catalog.close)
             target.remove_partials(catalog)
             self.catalog = catalog

@@ -31,7 +31,13 @@ from types import TracebackType
 from typing import Any
 
 from . import blockpath  # noqa: F401  (vdisk_block importable)
-from .control import ControlClient, ControlError, ControlUnavailable, Service
+from .control import (
+    ControlClient,
+    ControlError,
+    ControlProtocolError,
+    ControlUnavailable,
+    Service,
+)
 from .errors import Error
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,9 @@ DISK_COMMANDS = frozenset({"snapshot", "consolidate", "backup-begin", "backup-en
                            "job-complete", "job-cancel", "job-resume", "query-disk",
                            "snapshot-list", "snapshot-revert", "snapshot-delete", "resize"})
 WORKER_RESTART_S = 10.0     # how long a command waits for a restarting worker
+# what may run again after its worker restarted mid-command (it changes nothing, or
+# refuses a second time: backup-end of a journalled backup, owned by the caller)
+RETRYABLE = frozenset({"query-jobs", "query-disk", "snapshot-list", "backup-end", "flush"})
 
 
 class NotServed(Error):
@@ -81,17 +90,33 @@ class DatastoreClient:
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         args = dict(arguments or {})
         if command in DISK_COMMANDS or (command == "flush" and args.get("disk")):
-            return self.disk(self._disk_of(args)).execute(command, args)
+            return self._on_disk(self._disk_of(args), command, args)
         if command == "query-jobs" and args.get("id") is not None and self.served:
             row = self._local_view().catalog.job(args["id"])
             if row["state"] not in ("done", "cancelled", "failed", "interrupted") and \
                     self._worker_running(row["disk"]):
-                return self.disk(row["disk"]).execute(command, args)
+                return self._on_disk(row["disk"], command, args)
         if self.supervisor is not None:
             return self.supervisor.execute(command, args)
         return self._offline(command, args)
 
     # -- a disk's service -----------------------------------------------------------------
+
+    def _on_disk(self, name: str, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Run a command in the disk's service. A worker that went away meanwhile
+        (a restart) is reconnected to: a command that can run twice runs again
+        there; any other fails, saying so (a job it ran is interrupted)."""
+        try:
+            return self.disk(name).execute(command, args)
+        except ControlProtocolError as e:
+            if not self.served:
+                raise
+            self._disks.pop(name).close()
+            if command not in RETRYABLE:
+                raise NotServed(f"disk {name!r}: its worker stopped during {command} ({e}); "
+                                "a job it ran is interrupted ('vdisk job list')") from None
+            log.debug("disk %s: worker restarted; %s again", name, command)
+            return self.disk(name).execute(command, args)
 
     def disk(self, name: str) -> Any:
         """The disk's worker (a ControlClient) when served, else its DiskService here."""

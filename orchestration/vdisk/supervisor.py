@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -257,9 +258,12 @@ class Supervisor:
             for w in self.workers.values():
                 w.endpoint.close()
             self.workers.clear()
-            endpoints.forget(self.catalog)
-            self.catalog.set_meta("control", None)
-            self.catalog.set_meta("server_pid", None)
+            try:        # (the records are dead without the server lock anyway)
+                endpoints.forget(self.catalog)
+                self.catalog.set_meta("control", None)
+                self.catalog.set_meta("server_pid", None)
+            except sqlite3.Error as e:
+                self.opts.say(f"could not clear the endpoints from the catalog: {e}")
         finally:
             self.catalog.close()
             self._server_lock.close()
@@ -304,35 +308,50 @@ class Supervisor:
     def disk_remove(self, disk: str, keep_images: bool = False) -> dict[str, Any]:
         from vdisk_block.datastore import DatastoreView
 
-        w = self.workers.get(disk)
-        if w is not None and w.state == "running":
-            clients = _clients(w)
-            if clients:
-                raise SupervisorError(f"disk {disk!r} has {clients} client(s) attached; "
-                                      "disconnect them first")
-        self._on_main(lambda: self._stop_disk(disk))
-        with DatastoreView(self.dir) as view:
-            return view.disk_remove(disk, keep_images)
+        def remove() -> dict[str, Any]:
+            with DatastoreView(self.dir) as view:
+                return view.disk_remove(disk, keep_images)
+
+        return self._without_worker(disk, remove, "disconnect them first")
 
     def disk_rename(self, disk: str, new: str) -> dict[str, Any]:
         """Rename a served disk: its worker stops (refused while clients are
         attached), and a worker for the new name serves on the new name's endpoint."""
         from vdisk_block.datastore import DatastoreView
 
+        def rename() -> dict[str, Any]:
+            with DatastoreView(self.dir) as view:
+                return view.disk_rename(disk, new)
+
+        out = self._without_worker(disk, rename, "disconnect them first (its export name "
+                                   "changes)")
+        return {**out, "worker": self._on_main(lambda: self._start_disk(new))}
+
+    def _without_worker(self, disk: str, change: Callable[[], dict[str, Any]],
+                        hint: str) -> dict[str, Any]:
+        """Stop the disk's worker, make the change, or start the worker again if
+        the change is refused. Refused first, with the worker untouched, while
+        clients are attached or the disk has a job (stopping the worker would
+        cancel it)."""
+        from vdisk_block.datastore import DatastoreView
+
+        with DatastoreView(self.dir) as view:
+            job = next((j for j in view.query_jobs(disk)["jobs"]
+                        if j["state"] not in ("done", "cancelled", "failed")), None)
+        if job is not None:
+            raise SupervisorError(f"disk {disk!r} has a job: {job['kind']} job {job['id']} "
+                                  f"({job['state']})")
         w = self.workers.get(disk)
-        if w is not None and w.state == "running":
+        if w is not None and w.state in ("running", "broken"):
             clients = _clients(w)
             if clients:
-                raise SupervisorError(f"disk {disk!r} has {clients} client(s) attached; "
-                                      "disconnect them first (its export name changes)")
+                raise SupervisorError(f"disk {disk!r} has {clients} client(s) attached; {hint}")
         self._on_main(lambda: self._stop_disk(disk))
         try:
-            with DatastoreView(self.dir) as view:
-                out = view.disk_rename(disk, new)
+            return change()
         except BaseException:
             self._on_main(lambda: self._start_disk(disk))
             raise
-        return {**out, "worker": self._on_main(lambda: self._start_disk(new))}
 
     def flush(self, disk: str | None = None) -> dict[str, Any]:
         from .control import ControlClient

@@ -143,7 +143,8 @@ class Worker:
         return None
 
     def _spawn(self, now: float) -> str | None:
-        args = [f"datastore={self.datastore}", f"disk={self.disk}", f"control={self.control}"]
+        args = [f"datastore={self.datastore}", f"disk={self.disk}", f"control={self.control}",
+                f"supervisor={os.getpid()}"]
         if self.threads:
             args.append(f"threads={self.threads}")
         extra = ["--tls=require", f"--tls-psk={self.tls_psk}"] if self.tls_psk else []

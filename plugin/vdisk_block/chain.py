@@ -79,6 +79,26 @@ def chain_paths(path: str, partial: bool = False) -> list[str]:
     broken chain (a missing or unreadable image, a loop) gives the images
     that exist down to the break instead of an error.
     """
+    out, error = _walk(path)
+    if error is not None and not partial:
+        raise error
+    return out
+
+
+def chain_walk(path: str) -> tuple[list[str], bool]:
+    """The chain as far as it can be followed, and whether that is all of it.
+
+    For deciding what an image is used by: a header the block driver refuses
+    (an unknown feature, QEMU's corrupt bit that ``qemu-img check -r`` mends)
+    still names its backing file, which is followed; only a missing or
+    unreadable file (or a loop) ends the walk early, and then the images
+    below the break are unknown.
+    """
+    out, error = _walk(path, lenient=True)
+    return out, error is None
+
+
+def _walk(path: str, lenient: bool = False) -> tuple[list[str], ImageError | OSError | None]:
     from . import header as hdr
     out: list[str] = []
     current: str | None = os.path.abspath(path)
@@ -97,11 +117,15 @@ def chain_paths(path: str, partial: bool = False) -> list[str]:
             try:
                 if os.pread(fd, 4, 0) != hdr.MAGIC:
                     break
-                h = hdr.parse_header(fd, current)
+                try:
+                    backing = hdr.parse_header(fd, current).backing_file
+                except ImageError:
+                    if not lenient:
+                        raise
+                    backing = hdr.raw_backing_name(fd, current)
             finally:
                 os.close(fd)
-            current = resolve_backing(current, h.backing_file) if h.backing_file else None
-    except (ImageError, OSError):
-        if not partial:
-            raise
-    return out
+            current = resolve_backing(current, backing) if backing else None
+    except (ImageError, OSError) as e:
+        return out, e
+    return out, None

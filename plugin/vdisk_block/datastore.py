@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from . import header as hdr
-from . import owner, recovery, snapshots
+from . import owner, recovery, snapshots, usage
 from .catalog import Catalog
 from .chain import chain_paths
 from .errors import ImageError, RequestError
@@ -77,30 +77,20 @@ class DatastoreView:
             if row is not None:
                 raise RequestError(self.dir, f"disk {disk!r} has a job: {row['kind']} job "
                                    f"{row['id']} ({row['state']})")
-            chain = self._readable_chain(disk)
-            own_snaps = [p for r in snapshots.of_disk(self.catalog, disk)
-                         for p in chain_paths(self.catalog.abspath(r["image"]), partial=True)
-                         if p not in chain]
-            mine = {os.path.realpath(p) for p in [*chain, *own_snaps]}
-            for r in self.catalog.disks():
-                if r["name"] != disk:
-                    mine -= {os.path.realpath(p) for p in self._readable_chain(r["name"])}
-                    for snap in snapshots.of_disk(self.catalog, r["name"]):
-                        mine -= {os.path.realpath(p) for p in chain_paths(
-                            self.catalog.abspath(snap["image"]), partial=True)}
+            # its chain and its named snapshots' chains, as far as they can be read
+            images = self._readable_chain(disk)
+            for snap in snapshots.of_disk(self.catalog, disk):
+                images += [p for p in chain_paths(self.catalog.abspath(snap["image"]),
+                                                  partial=True) if p not in images]
             with self.catalog.transaction() as db:
                 if db.execute("DELETE FROM disks WHERE name = ?", (disk,)).rowcount != 1:
                     raise RequestError(self.dir, f"disk {disk!r} does not exist")
                 snapshots.remove(db, disk)
-            deleted = []
-            if not keep_images:
-                for p in sorted(mine):
-                    try:
-                        os.unlink(p)
-                    except FileNotFoundError:
-                        continue
-                    deleted.append(self.catalog.relpath(p))
-        kept = [self.catalog.relpath(p) for p in [*chain, *own_snaps] if os.path.exists(p)]
+            # what no other disk or snapshot needs goes (usage.py: nothing, while
+            # another chain cannot be read to its end)
+            deleted = [] if keep_images else usage.delete(self.catalog, images,
+                                                          tops=images[:1])
+        kept = [self.catalog.relpath(p) for p in images if os.path.exists(p)]
         return {"disk": disk, "deleted": deleted, "kept": kept}
 
     def disk_rename(self, disk: str, new: str) -> dict[str, Any]:

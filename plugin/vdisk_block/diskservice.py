@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__, owner, recovery, snapshots
 from .catalog import FINAL_STATES, IMAGES, Catalog
-from .chain import chain_paths, open_disk
+from .chain import chain_paths, chain_walk, open_disk
 from .commands import Arg, Command, run
 from .disk import Disk
 from .errors import ImageError, RequestError
@@ -194,7 +194,8 @@ class DiskService(JobCommands, SnapshotCommands):
 
 
 def _real_chain(top: str) -> set[str]:
-    return {os.path.realpath(p) for p in chain_paths(top, partial=True)}
+    """(Through images the driver refuses: a chain QEMU's repair mends reads them.)"""
+    return {os.path.realpath(p) for p in chain_walk(top)[0]}
 
 
 def open_error(e: BaseException) -> str:

@@ -223,6 +223,18 @@ def _parse_extensions(fd: int, h: Header, path: str, start: int) -> None:
         off = (end + 7) & ~7
 
 
+def raw_backing_name(fd: int, path: str) -> str | None:
+    """The backing file name of a qcow2 header read from its two fixed fields
+    only (offset 8: name offset, 16: name size), whatever else the header
+    holds: enough to follow a chain through an image this driver refuses."""
+    offset, size = struct.unpack(">QI", read_exact(fd, 12, OFF_BACKING_FILE, path, "header"))
+    if not offset:
+        return None
+    if size > MAX_BACKING_NAME:
+        raise MalformedImage(path, f"backing file name of {size} bytes")
+    return read_exact(fd, size, offset, path, "backing file name").decode(errors="replace")
+
+
 def write_u64(fd: int, offset: int, value: int) -> None:
     os.pwrite(fd, struct.pack(">Q", value), offset)
 

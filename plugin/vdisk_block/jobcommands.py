@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import recovery
+from . import recovery, usage
 from .catalog import FINAL_STATES, Catalog
 from .chainops import snapshot
 from .disk import Disk
@@ -65,27 +65,38 @@ class JobCommands:
                 self.catalog.relpath(new_path)
                 if os.path.exists(new_path):
                     raise RequestError(self.dir, f"{to} already exists")
+                rel = self.catalog.relpath(new_path)
+                for row in self.catalog.jobs():
+                    if row["new_image"] and row["target"] == rel and not recovery.settled(row):
+                        raise RequestError(self.dir, f"{to} is the new image of job "
+                                           f"{row['id']} ({row['kind']} of disk "
+                                           f"{row['disk']!r}, not finished): resume or "
+                                           "cancel it first")
             collapse = index + 1 if new_path else index
-            # what the job writes (an image of the chain) or drops must not be a
-            # named snapshot's image: the snapshot would no longer be its moment
-            named = self.snapshot_images()
-            for f in d.layers[:index + 1]:
-                what = named.get(os.path.realpath(f.path))
-                if what is not None:
-                    raise RequestError(self.dir, f"{self.catalog.relpath(f.path)} is the image "
-                                       f"of {what}, which a consolidation would change; "
-                                       "'vdisk snapshot delete' merges into it")
-            if not new_path:
-                users = self.users(d.layers[index].path)
-                if users:
-                    raise RequestError(self.dir, f"{self.catalog.relpath(d.layers[index].path)} "
-                                       f"is also used by {', '.join(users)}; "
-                                       "consolidate --to a new image instead")
+            self._check_consolidation(d, index, new_path)
             job_id = self.catalog.add_job(
                 disk, "consolidate", target=self.catalog.relpath(new_path or d.layers[index].path),
                 new_image=int(bool(new_path)), collapse=collapse,
                 top_before=self.catalog.relpath(d.path), owner=self.token)
             return {"job": self._start(job_id, d, collapse, new_path, pivot)}
+
+    def _check_consolidation(self, d: Disk, index: int, new_path: str | None) -> None:
+        """What a consolidation into d.layers[index] (or onto it, with new_path)
+        writes or drops must not be a named snapshot's image (the snapshot would
+        no longer be its moment), and an image it writes nothing else may read."""
+        named = self.snapshot_images()
+        for f in d.layers[:index + 1]:
+            what = named.get(os.path.realpath(f.path))
+            if what is not None:
+                raise RequestError(self.dir, f"{self.catalog.relpath(f.path)} is the image "
+                                   f"of {what}, which a consolidation would change; "
+                                   "'vdisk snapshot delete' merges into it")
+        if not new_path:
+            users = self.users(d.layers[index].path)
+            if users:
+                raise RequestError(self.dir, f"{self.catalog.relpath(d.layers[index].path)} "
+                                   f"is also used by {', '.join(users)}; "
+                                   "consolidate --to a new image instead")
 
     def _start(self, job_id: int, d: Disk, collapse: int, new_path: str | None,
                pivot: bool) -> dict[str, Any]:
@@ -236,8 +247,15 @@ class JobCommands:
         if row["state"] != recovery.INTERRUPTED:
             raise RequestError(self.dir, f"job {id} is {row['state']}, not interrupted")
         new_path = self.catalog.abspath(row["target"]) if row["new_image"] else None
-        if new_path and os.path.exists(new_path):
-            os.unlink(new_path)             # a half-written image from the dead run
+        # what was checked when the job started may have changed since it died
+        # (a clone of its target, a named snapshot): checked again
+        self._check_consolidation(d, row["collapse"] - 1 if new_path else row["collapse"],
+                                  new_path)
+        if new_path and os.path.exists(new_path):   # a half-written image of the dead run
+            if not usage.delete(self.catalog, [new_path]):
+                raise RequestError(self.dir, f"{row['target']} cannot be removed (a disk or "
+                                   "snapshot uses it now, or a broken chain may): job "
+                                   f"{id} cannot run again; cancel it")
         self.catalog.update_job(id, state="copying", error=None, owner=self.token)
         return {"job": self._start(id, d, row["collapse"], new_path, True)}
 

@@ -26,6 +26,7 @@ import os
 from collections.abc import Collection
 from typing import Any
 
+from . import usage
 from .catalog import FINAL_STATES, Catalog
 from .chain import chain_paths
 from .errors import ImageError
@@ -88,18 +89,48 @@ def recover_disk(catalog: Catalog, disk: str, live: Collection[int] = ()) -> lis
 
 
 def finish_pivot(catalog: Catalog, job: int, dropped: list[str], **fields: Any) -> None:
-    """The end of a recorded pivot: delete what it dropped, journal `done`."""
-    for rel in dropped:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(catalog.abspath(rel))
+    """The end of a recorded pivot: delete what it dropped (what nothing else
+    needs by now: usage.py; the top before the pivot even while another chain
+    is broken), journal `done`."""
+    top_before = catalog.job(job)["top_before"]
+    usage.delete(catalog, [catalog.abspath(rel) for rel in dropped],
+                 tops=[catalog.abspath(top_before)] if top_before else [])
     catalog.update_job(job, state="done", **fields)
 
 
 def roll_back(catalog: Catalog, row: dict[str, Any]) -> None:
-    """Undo what an interrupted consolidation left: a half-written new image."""
+    """Undo what an interrupted consolidation left: a half-written new image
+    (unless something else uses that name by now)."""
     if row["new_image"]:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(catalog.abspath(row["target"]))
+        usage.delete(catalog, [catalog.abspath(row["target"])])
+
+
+def not_a_moment(catalog: Catalog, rel: str) -> str | None:
+    """Why an image of the datastore is not a moment of its disk, or None.
+
+    A consolidation into an image of a chain copies the layers above into it
+    as it goes: while it runs, after it stopped (interrupted, cancelled,
+    failed), the image holds a mix that the disk never was (the disk reads
+    the same, through its layers above). Its content ID says so: the one the
+    job gave it (``target_id``), as long as nothing wrote it since."""
+    from .identity import read as read_identity
+
+    real = os.path.realpath(catalog.abspath(rel))
+    for row in catalog.jobs():
+        if row["kind"] != "consolidate" or row["new_image"] or row["state"] == "done" or \
+                os.path.realpath(catalog.abspath(row["target"] or "")) != real:
+            continue
+        if not settled(row):
+            return f"is the target of consolidation job {row['id']}, which has not finished"
+        try:
+            current = format_id(read_identity(real)[1].content_id)
+        except (ImageError, OSError):
+            continue
+        if row["target_id"] and current == row["target_id"]:
+            return (f"holds part of the layers above it since consolidation job {row['id']} "
+                    f"into it was {row['state']}: it is not a moment of disk {row['disk']!r} "
+                    "(snapshot the disk and clone that instead)")
+    return None
 
 
 def remove_temp(row: dict[str, Any]) -> None:

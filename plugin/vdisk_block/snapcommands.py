@@ -19,9 +19,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from . import snapshots
+from . import snapshots, usage
 from .catalog import Catalog
-from .chain import chain_paths, open_disk
+from .chain import open_disk
 from .chainops import relative_backing, snapshot
 from .create import create_qcow2
 from .disk import Disk
@@ -172,14 +172,4 @@ class SnapshotCommands:
 
     def _drop_unused(self, paths: list[str]) -> list[str]:
         """Delete those of paths that no disk's chain and no named snapshot's uses."""
-        keep: set[str] = set()
-        for top in [*(self.catalog.abspath(p) for p in snapshots.images(self.catalog)),
-                    *(self.catalog.abspath(r["top"]) for r in self.catalog.disks())]:
-            keep.update(chain_paths(top, partial=True))
-        keep = {os.path.realpath(p) for p in keep}
-        dropped = []
-        for p in paths:
-            if os.path.realpath(p) not in keep and os.path.exists(p):
-                os.unlink(p)
-                dropped.append(self.catalog.relpath(p))
-        return dropped
+        return usage.delete(self.catalog, paths)
