@@ -107,6 +107,12 @@ _switch_interval = _SwitchInterval()
 # in docs/benchmarks.md). The pass is still a single one.
 BUSY_PAUSE = 3.0
 
+# Before the pivot, up to PRESYNCS syncs of the target without the lock, until
+# one takes less than QUICK_SYNC_S: the pivot's own flush takes about a third
+# of the last one (measured under the fast load, 1 GiB delta).
+PRESYNCS = 4
+QUICK_SYNC_S = 0.01
+
 
 @dataclass
 class Stats:
@@ -409,9 +415,17 @@ class MirrorJob:
         the new chain is persisted and switched to.
         """
         disk = self.disk
-        if self.state is State.READY:
+        # write the target's data back without the lock, again while a sync
+        # takes long (a busy guest mirrored much meanwhile), so that the
+        # flush in the barrier has little left
+        for _ in range(PRESYNCS):
+            if self.state is not State.READY:
+                break
+            t = time.monotonic()
             with contextlib.suppress(OSError):  # (then the flush below reports it)
                 self._sync_target()
+            if time.monotonic() - t < QUICK_SYNC_S:
+                break
         with disk.lock:
             if self.state is not State.READY:
                 raise RequestError(disk.path, f"the job is {self.state.value}, not ready")
