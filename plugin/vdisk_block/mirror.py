@@ -41,34 +41,24 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import enum
-import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from .chainops import Persist, adopt
-from .chunkcopy import Chunk, transfer
+from .chunkcopy import InFlight
 from .clustermap import LAYER_SHIFT
 from .copyset import layer_ranges, merged
 from .disk import Disk
 from .errors import RequestError
+from .mirrorcopy import CopyPass
+from .mirrorstate import ACTIVE, ENDED, State, Stats
 from .mirrortarget import open_target, release_target
 
+__all__ = ["ACTIVE", "ENDED", "JOB_SWITCH_INTERVAL_S", "MirrorJob", "State", "Stats"]
 
-class State(enum.Enum):
-    COPYING = "copying"
-    READY = "ready"
-    PIVOTING = "pivoting"
-    DONE = "done"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-ACTIVE = (State.COPYING, State.READY)
-ENDED = (State.DONE, State.CANCELLED, State.FAILED)
 
 # While a job runs, the interpreter is handed from thread to thread every
 # 0.5 ms instead of every 5: the job's own Python work (opening the target
@@ -100,13 +90,6 @@ class _SwitchInterval:
 
 _switch_interval = _SwitchInterval()
 
-# While the guest writes, the copy leaves it most of the machine: after a
-# chunk during which guest changes were mirrored, the copy pauses three times
-# as long as the chunk took. An idle guest's disk is copied at full speed; a
-# busy one's over a longer time, with less of its throughput lost (measured
-# in docs/benchmarks.md). The pass is still a single one.
-BUSY_PAUSE = 3.0
-
 # Before the pivot, up to PRESYNCS syncs of the target without the lock, until
 # one takes less than QUICK_SYNC_S: the pivot's own flush takes about a third
 # of the last one (measured under the fast load, 1 GiB delta).
@@ -114,18 +97,7 @@ PRESYNCS = 4
 QUICK_SYNC_S = 0.01
 
 
-@dataclass
-class Stats:
-    copy_set_bytes: int = 0
-    bytes_copied: int = 0
-    bytes_mirrored: int = 0
-    passes: int = 0
-    time_to_ready_s: float = 0.0
-    duration_s: float = 0.0
-    pivot_pause_ms: float = 0.0
-
-
-class MirrorJob:
+class MirrorJob(CopyPass):
     def __init__(self, disk: Disk, collapse: int = 1, *, new_path: str | None = None,
                  chunk: int = 1 << 20,
                  on_change: Callable[[MirrorJob, State], None] | None = None,
@@ -159,14 +131,9 @@ class MirrorJob:
         self._quick_switch = False          # holds _switch_interval
         self._mirroring = False             # guest changes go to the target too
         # the copy in flight: the guest byte range it claims (whole clusters of
-        # every image involved), its settling announced under the disk lock
-        self._in_flight: tuple[int, int] | None = None
-        self._settled = threading.Condition(disk.lock)
+        # every image involved), and its work without the disk lock
+        self._in_flight = InFlight(disk.lock, disk.path)
         self._align = disk.map.g
-        # its data moving outside the lock, counted so that a cancel, a failure
-        # or the pivot can wait for it while keeping the disk lock
-        self._io = 0
-        self._io_idle = threading.Condition()
 
     # -- start ----------------------------------------------------------------
 
@@ -232,139 +199,7 @@ class MirrorJob:
                           *(f.cluster_size for f in disk.layers[:self.collapse]))
         self._mirroring = True
 
-    # -- copy and mirror ------------------------------------------------------
-
-    def _copy_pass(self) -> None:
-        disk, target = self.disk, self._target
-        assert target is not None
-        g = disk.map.g
-        per_chunk = max(1, self.chunk // g)
-        zeros = bytes(per_chunk * g)
-        seen = self.stats.bytes_mirrored
-        try:
-            for first, end in self._copy_set:
-                for a in range(first, end, per_chunk):
-                    b = min(a + per_chunk, end)
-                    with disk.lock:
-                        t = time.monotonic()
-                        if self.state is not State.COPYING:
-                            return
-                        c = self._claim(target, a, b)
-                    if c is not None:
-                        error = None
-                        try:
-                            transfer(c, zeros)
-                        except Exception as e:      # noqa: BLE001 - settled below
-                            error = e
-                        finally:
-                            self._io_end()
-                        with disk.lock:
-                            self._settle(c, error)
-                    # (a pause of 0 still lets a guest request that waited for
-                    # this chunk take the lock, which is not fair, before the next)
-                    busy = self.stats.bytes_mirrored != seen
-                    seen = self.stats.bytes_mirrored
-                    time.sleep(BUSY_PAUSE * (time.monotonic() - t) if busy else 0)
-            # the target's data on disk now, without holding up the guest; its
-            # metadata is written by the pivot's flush (a crash before it
-            # leaves the served chain as it was, the target at worst leaking)
-            self._sync_target()
-            with disk.lock:
-                if self.state is State.COPYING:
-                    self.stats.passes = 1
-                    self.stats.time_to_ready_s = time.monotonic() - self._t0
-                    self._set(State.READY)
-            self._announce()
-        except Exception as e:          # noqa: BLE001 - the job fails, the disk serves on
-            with disk.lock:
-                self._fail(e)
-
-    def _claim(self, target: Disk, a: int, b: int) -> Chunk | None:
-        """Under the disk lock: copy slots [a, b) now if that needs the lock
-        (zeros, a compressed source, copy-on-write in the target); otherwise
-        claim their range and return where the data lies and goes."""
-        disk = self.disk
-        g = disk.map.g
-        off = a * g
-        n = min(b * g, disk.size) - off
-        if disk.map.is_zero(a, b - a):
-            target.zero(n, off, may_trim=True)
-        else:
-            src = disk.locate(off, n)
-            dst = None if src is None else target.place(off, n)
-            if src is not None and dst is not None:
-                al = self._align
-                self._in_flight = (off - off % al, -(-(off + n) // al) * al)
-                self._io_begin()
-                return Chunk(off, n, src, dst)
-            buf = bytearray(n)
-            disk._read(memoryview(buf), off)
-            target.write(buf, off)
-        self.stats.bytes_copied += n
-        return None
-
-    def _settle(self, c: Chunk, error: Exception | None) -> None:
-        """Under the disk lock, the data moved (or not): the target takes the
-        clusters it allocated for it, and guest changes of the range go on."""
-        target = self._target
-        if target is not None:          # else cancelled or failed meanwhile
-            if error is None:
-                target.link(c.dst)
-                self.stats.bytes_copied += c.length
-            else:
-                target.unplace(c.dst)
-        self._in_flight = None
-        self._settled.notify_all()
-        if error is not None:
-            self._fail(error)
-
-    def _sync_target(self) -> None:
-        """Write the target's data back without holding up the guest: a flush
-        under the lock then only has what was mirrored since (and metadata)."""
-        with self.disk.lock:
-            target = self._target
-            if target is None or target.top is None:
-                return
-            top = target.top
-            top.data_dirty = False      # what is written from now on sets it again
-            self._io_begin()
-        error = None
-        try:
-            os.fdatasync(top.fd)
-        except OSError as e:
-            error = e
-        finally:
-            self._io_end()
-        if error is not None:
-            with self.disk.lock:
-                top.data_dirty = True
-            raise error
-
-    def wait_for_copies(self, offset: int, length: int) -> bool:
-        """Under the disk lock, before a guest change of [offset, offset + length):
-        wait (the lock released) for a copy in flight that overlaps it."""
-        busy = self._in_flight
-        if busy is None or offset >= busy[1] or offset + length <= busy[0]:
-            return False
-        if not self._settled.wait(30):
-            raise RequestError(self.disk.path, "a copy in flight did not end in 30 s")
-        return True
-
-    def _io_begin(self) -> None:
-        """Under the disk lock, before work on the target without it."""
-        with self._io_idle:
-            self._io += 1
-
-    def _io_end(self) -> None:
-        with self._io_idle:
-            self._io -= 1
-            self._io_idle.notify_all()
-
-    def _drain_io(self) -> None:
-        """Under the disk lock: wait until no copy moves data without it."""
-        with self._io_idle:
-            if not self._io_idle.wait_for(lambda: not self._io, 30):
-                raise RequestError(self.disk.path, "a copy still in flight after 30 s")
+    # -- mirror ------------------------------------------------------------------
 
     def _remap(self, cluster: int, entry: int) -> None:
         """Into mode, under the disk lock: the target's cluster now is entry.
@@ -441,7 +276,7 @@ class MirrorJob:
                 # switch, so no request (nor a read outside the lock) runs
                 # between the last flush of the target and the new chain
                 disk.drain_reads()
-                self._drain_io()
+                self._in_flight.drain()
                 target.flush()
                 if persist is not None:
                     persist(self.target_path)
@@ -482,11 +317,11 @@ class MirrorJob:
         if disk.job is self:
             disk.job = None
         self._mirroring = False
-        self._settled.notify_all()      # waiting guest changes go on without the job
+        self._in_flight.let_go()
         self.stats.duration_s = time.monotonic() - self._t0
         if target is None:
             return
-        self._drain_io()
+        self._in_flight.drain()
         release_target(disk, self.collapse, self.new_path, target)
         self._target = None
 
