@@ -1,6 +1,6 @@
 """Consolidation benchmark: vdisk's online consolidation (mirror job) against QEMU's
-active commit and offline qemu-img commit, side by side, in one run, on the same
-chain under the same write load.
+write-blocking mirror, QEMU's active commit and offline qemu-img commit, side by
+side, in one run, on the same chain under the same write load.
 
     .venv/bin/python bench/consolidate_bench.py [--quick] [--repeat N] [--json FILE]
 
@@ -38,32 +38,35 @@ from consolidate_report import (
 )
 from consolidators import (
     QEMU_COMMIT,
+    QEMU_MIRROR,
     RUN_ERRORS,
     VDISK,
     JobRun,
     Load,
     Setup,
-    run_offline_commit,
-    run_qemu_commit,
     run_vdisk,
 )
 from nbd_bench import size_arg
+from qemu_consolidators import run_offline_commit, run_qemu_commit, run_qemu_mirror
 
 log = logging.getLogger("consolidate_bench")
 
 MiB = images.MiB
 LOADS = ("idle", "moderate", "fast")
-METHODS = (VDISK, QEMU_COMMIT)
-RUNNERS = {VDISK: run_vdisk, QEMU_COMMIT: run_qemu_commit}
+METHODS = (VDISK, QEMU_MIRROR, QEMU_COMMIT)
+RUNNERS = {VDISK: run_vdisk, QEMU_MIRROR: run_qemu_mirror, QEMU_COMMIT: run_qemu_commit}
 NOTES = """
+qemu-mirror: blockdev-mirror sync=top copy-mode=write-blocking into a new image over the
+  base (QEMU's single pass); qemu-commit: active commit (QEMU's background-mode mirror).
 ready/total: median s from sending the job command to the ready / done event (n/c: did not
   converge in the window; qemu-img: the whole command). copied/set: max over runs of vdisk
-  bytes_copied, or qemu-commit's final job progress (its work: it re-copies what the guest
-  dirties), over the bytes allocated in the delta. passes: vdisk's count; QEMU reports none.
+  bytes_copied, or QEMU's final job progress (its work: the active commit re-copies what
+  the guest dirties; the mirror counts the guest's writes it mirrors too), over the bytes
+  allocated in the delta. passes: vdisk's count; QEMU reports none.
 guest MiB/s: the load alone before the job (its --baseline s but the first 0.25 s) -> while
-  the job ran (medians).
-pause: max over runs of vdisk's pivot_pause_ms; for qemu-commit the job-complete QMP round
-  trip (an approximation: QEMU drains and switches after replying). stall: the longest
+  the job ran (medians); job/alone: median of the runs' ratios.
+pause: max over runs of vdisk's pivot_pause_ms; for QEMU the job-complete QMP round trip
+  (an approximation: QEMU drains and switches after replying). stall: the longest
   interval in which guest writes were outstanding and none completed that overlaps the
   pivot (vdisk: pivoting..done events; QEMU: job-complete..BLOCK_JOB_COMPLETED), max.
 Images are in the page cache (just written); each job's flushes write only its own data."""
@@ -217,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     print(NOTES)
     latency = render_latency(runs)
     if latency.count("\n") > 1:
-        print("\nguest writes, load alone (before the job) vs during the job: "
-              "p99 latency (median of runs)\n/ max latency / longest stall (max of runs); "
-              "ready and pivot: the longest stall overlapping the\nready event and the pivot "
-              "(max of runs). A stall: writes outstanding and none completing.")
+        print("\nguest write latency, load alone (before the job) vs during the job: p50 and "
+              "p99 (medians of\nthe runs'), max (of all runs); the longest stall during the "
+              "job, and overlapping the ready\nevent and the pivot (max of runs). A stall: "
+              "writes outstanding and none completing.")
         print(latency)
     print("\ntargets (reported, not asserted):")
     print(render_targets(runs, args.deltas, args.loads, args.window))

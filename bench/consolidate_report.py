@@ -5,11 +5,14 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 
-from consolidators import QEMU_COMMIT, QEMU_IMG, VDISK, JobRun
+from consolidators import QEMU_COMMIT, QEMU_IMG, QEMU_MIRROR, VDISK, JobRun
 
 PAUSE_TARGET_MS = 50.0
 IDLE_RATIO_TARGET = 2.0
 STRESS_RATIO = 2.0
+MODERATE_P99_MS = 3.0          # guest writes during a vdisk job at the moderate load
+MODERATE_MAX_MS = 10.0
+FAST_THROUGHPUT = 0.7          # guest throughput during a vdisk job / alone, fast load
 
 
 def human(size: int) -> str:
@@ -59,13 +62,21 @@ def _table(rows: list[list[str]], left: int) -> str:
     return "\n".join(lines)
 
 
+def throughput_ratio(r: JobRun) -> float | None:
+    """The guest's MiB/s during the job over its MiB/s with the load alone."""
+    alone, during = r.guest_before.get("mib_s"), r.guest_during.get("mib_s")
+    return None if not alone or during is None else during / alone
+
+
 def render_main(runs: list[JobRun], window: float) -> str:
     head = ["delta", "load", "method", "runs", "ready s", "total s", "copied/set",
-            "passes", "guest MiB/s alone->job", "pause ms", "pivot stall ms", "check"]
+            "passes", "guest MiB/s alone->job", "job/alone", "pause ms", "pivot stall ms",
+            "check"]
     rows = [head]
     for (delta, load, method), cell in group(runs).items():
         before = _median(r.guest_before.get("mib_s") for r in cell)
         during = _median(r.guest_during.get("mib_s") for r in cell)
+        ratio = _median(throughput_ratio(r) for r in cell)
         passes = sorted({r.passes for r in cell if r.passes is not None})
         checks = sorted({r.check for r in cell})
         rows.append([
@@ -74,6 +85,7 @@ def render_main(runs: list[JobRun], window: float) -> str:
             _num(_max(r.copy_ratio for r in cell), "{:.2f}x"),
             ",".join(map(str, passes)) or "-",
             "-" if before is None else f"{before:.0f} -> {during:.0f}",
+            _num(ratio, "{:.2f}x"),
             _num(_max(r.pause_ms for r in cell), "{:.1f}"),
             _num(_max(r.stall_ms for r in cell), "{:.1f}"),
             "clean" if checks == ["clean"] and not any(r.guest_failures for r in cell)
@@ -82,22 +94,29 @@ def render_main(runs: list[JobRun], window: float) -> str:
     return _table(rows, 3)
 
 
-def _p99_max(cell: list[JobRun], attr: str) -> str:
-    p99 = _median(getattr(r, attr).get("p99_ms") for r in cell)
-    mx = _max(getattr(r, attr).get("max_ms") for r in cell)
-    stall = _max(getattr(r, attr).get("stall_ms") for r in cell)
-    return f"{_num(p99, '{:.1f}')} / {_num(mx, '{:.1f}')} / {_num(stall, '{:.1f}')}"
+def latency(cell: list[JobRun], attr: str) -> tuple[float | None, float | None,
+                                                   float | None]:
+    """p50 and p99 (medians of the runs') and max (of all runs) of the guest's
+    writes, with the load alone (attr guest_before) or during the job."""
+    return (_median(getattr(r, attr).get("p50_ms") for r in cell),
+            _median(getattr(r, attr).get("p99_ms") for r in cell),
+            _max(getattr(r, attr).get("max_ms") for r in cell))
+
+
+def _latency_text(cell: list[JobRun], attr: str) -> str:
+    return " / ".join(_num(v, "{:.1f}") for v in latency(cell, attr))
 
 
 def render_latency(runs: list[JobRun]) -> str:
-    head = ["delta", "load", "method", "alone p99/max/stall ms", "job p99/max/stall ms",
-            "ready ms", "pivot ms"]
+    head = ["delta", "load", "method", "alone p50/p99/max ms", "job p50/p99/max ms",
+            "job stall ms", "ready ms", "pivot ms"]
     rows = [head]
     for (delta, load, method), cell in group(runs).items():
         if not any(r.guest_before for r in cell):
             continue
-        rows.append([human(delta), load, method, _p99_max(cell, "guest_before"),
-                     _p99_max(cell, "guest_during"),
+        rows.append([human(delta), load, method, _latency_text(cell, "guest_before"),
+                     _latency_text(cell, "guest_during"),
+                     _num(_max(r.guest_during.get("stall_ms") for r in cell), "{:.1f}"),
                      _num(_max(r.ready_stall_ms for r in cell), "{:.1f}"),
                      _num(_max(r.stall_ms for r in cell), "{:.1f}")])
     return _table(rows, 3)
@@ -144,6 +163,7 @@ def render_targets(runs: list[JobRun], deltas: list[int], loads: list[str],
                      f"idle vdisk consolidation within {IDLE_RATIO_TARGET:g}x of offline "
                      f"qemu-img commit, delta {human(delta)}: {_num(mine)} s vs "
                      f"{_num(ref)} s = {_num(ratio, '{:.2f}x')}")
+    lines += _guest_targets(runs, deltas, loads)
     for delta in deltas:
         qemu = [r for r in runs if r.method == QEMU_COMMIT and r.delta == delta]
         idle = _median(r.total_s for r in qemu if r.load == "idle" and r.converged)
@@ -163,6 +183,42 @@ def render_targets(runs: list[JobRun], deltas: list[int], loads: list[str],
                      f"(>= {STRESS_RATIO:g}x its idle time or no convergence), delta "
                      f"{human(delta)}: {what}")
     return "\n".join(lines)
+
+
+def _guest_targets(runs: list[JobRun], deltas: list[int], loads: list[str]) -> list[str]:
+    """What the guest feels of a vdisk job: latency at the moderate load, throughput
+    at the fast one, and p99 against QEMU's write-blocking mirror at every load."""
+    lines = []
+    cells = group(runs)
+    for delta in deltas:
+        cell = cells.get((delta, "moderate", VDISK))
+        if cell:
+            _p50, p99, mx = latency(cell, "guest_during")
+            ok = None if p99 is None or mx is None else \
+                p99 <= MODERATE_P99_MS and mx <= MODERATE_MAX_MS
+            lines.append(f"{_verdict(ok)}  vdisk guest writes during the job at the moderate "
+                         f"load: p99 <= {MODERATE_P99_MS:g} ms and max <= {MODERATE_MAX_MS:g} "
+                         f"ms, delta {human(delta)}: p99 {_num(p99, '{:.1f}')} ms (median of "
+                         f"{len(cell)} runs), max {_num(mx, '{:.1f}')} ms (of all)")
+        cell = cells.get((delta, "fast", VDISK))
+        if cell:
+            ratios = [throughput_ratio(r) for r in cell]
+            ratio = _median(ratios)
+            ok = None if ratio is None else ratio >= FAST_THROUGHPUT
+            lines.append(f"{_verdict(ok)}  vdisk guest throughput during the job at the fast "
+                         f"load >= {FAST_THROUGHPUT:g}x alone, delta {human(delta)}: "
+                         f"{_num(ratio, '{:.2f}x')} (median; runs "
+                         + ", ".join(_num(x, "{:.2f}") for x in ratios) + ")")
+        for load in loads:
+            mine, peer = cells.get((delta, load, VDISK)), cells.get((delta, load, QEMU_MIRROR))
+            if not mine or not peer or load == "idle":
+                continue
+            a, b = latency(mine, "guest_during")[1], latency(peer, "guest_during")[1]
+            ok = None if a is None or b is None else a < b
+            lines.append(f"{_verdict(ok)}  vdisk guest write p99 during the job below QEMU's "
+                         f"write-blocking mirror's, delta {human(delta)}, {load} load: "
+                         f"{_num(a, '{:.1f}')} vs {_num(b, '{:.1f}')} ms")
+    return lines
 
 
 def render_problems(runs: list[JobRun]) -> str:

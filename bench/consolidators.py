@@ -1,20 +1,16 @@
-"""The three ways the consolidation benchmark collapses a delta into its base.
+"""How the consolidation benchmark collapses a delta, what it records, and vdisk's way.
 
 Each run starts from a fresh copy of the same base image, makes a delta on
 it, fills the delta's range [0, delta) with the same generation-0 blocks
 through NBD (bench/guest_writer.py), then collapses it:
 
-- ``vdisk``: ``nbdkit -U SOCK python plugin/vdisk_nbdkit.py datastore=DIR
-  control=CTL``; the control command ``snapshot`` makes the delta, then
-  ``consolidate`` (into the frozen base, pivot true) runs while the load
-  writes through NBD. Figures from the job (``query-jobs``) and our clock.
-- ``qemu-commit``: ``qemu-storage-daemon`` with the same chain (qcow2 top over
-  its qcow2 backing, an NBD export of the top, QMP on a Unix socket); QMP
-  ``block-commit`` (active commit: QEMU's mirror in background copy mode),
-  wait for ``BLOCK_JOB_READY``, ``job-complete``, wait for
-  ``BLOCK_JOB_COMPLETED``, with the same load.
-- ``qemu-img``: offline ``qemu-img commit -d`` of the chain (no load: the idle
-  reference). The delta is filled through ``qemu-nbd``.
+- ``vdisk`` (here): ``nbdkit -U SOCK python plugin/vdisk_nbdkit.py
+  datastore=DIR control=CTL``; the control command ``snapshot`` makes the
+  delta, then ``consolidate`` (into the frozen base, pivot true) runs while
+  the load writes through NBD. Figures from the job (``query-jobs``) and our
+  clock.
+- QEMU's active commit and write-blocking mirror, and the offline
+  ``qemu-img commit``: qemu_consolidators.py.
 
 Afterwards, with the server stopped: ``qemu-img check`` of what the disk now
 serves, every block of [0, delta) read back through ``qemu-nbd`` against the
@@ -49,7 +45,7 @@ from vdisk_block.catalog import Catalog  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-VDISK, QEMU_COMMIT, QEMU_IMG = "vdisk", "qemu-commit", "qemu-img"
+VDISK, QEMU_COMMIT, QEMU_MIRROR, QEMU_IMG = "vdisk", "qemu-commit", "qemu-mirror", "qemu-img"
 DISK = "bench"                      # the vdisk disk and both NBD export names
 CLUSTER = 64 << 10
 POLL_S = 0.25                       # query-jobs cadence while a job runs (both servers)
@@ -122,7 +118,7 @@ class JobRun:
 JobTimes = tuple[float, float, float, float]
 
 
-def _with_load(setup: Setup, uri: str, run: JobRun,
+def with_load(setup: Setup, uri: str, run: JobRun,
                job: Callable[[], JobTimes]) -> guest_writer.WriterLog:
     """Run ``job`` alone (idle) or under the load after ``baseline_s`` of load alone;
     fill in what the guest saw."""
@@ -181,6 +177,16 @@ def check_result(image: Path, setup: Setup, record: guest_writer.WriterLog) -> s
             problems.append(f"differs from the qemu-img commit result: "
                             f"{(res.stdout + res.stderr).strip() or res.returncode}")
     return "clean" if not problems else "; ".join(problems)
+
+
+def copy_base(src: Path, dst: Path) -> None:
+    """Copy the base and make the copy durable, so that no job's flush pays for it."""
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- vdisk -------------------------------------------------------------------------
@@ -249,7 +255,7 @@ def run_vdisk(setup: Setup) -> JobRun:
         delta = ds / ctl.execute("snapshot", {"disk": DISK})["top"]
         run.fill_s = guest_writer.fill(uri, setup.delta, setup.qd)
         run.copy_set = delta_allocated(delta)
-        record = _with_load(setup, uri, run, lambda: _vdisk_job(ctl, setup, run))
+        record = with_load(setup, uri, run, lambda: _vdisk_job(ctl, setup, run))
         info = ctl.execute("query-jobs", {"id": run.job["id"]})["jobs"][0]
         chain = ctl.execute("query-disks", {"disk": DISK})["disks"][0]["chain"]
     run.job = info
@@ -266,133 +272,3 @@ def run_vdisk(setup: Setup) -> JobRun:
     check = check_result(ds / chain[0], setup, record)
     run.check = "; ".join(problems + ([] if check == "clean" else [check])) or "clean"
     return run
-
-
-# --- QEMU active commit -----------------------------------------------------------
-
-
-def _qsd_argv(base: Path, top: Path, nbd_sock: Path, qmp_sock: Path) -> list[str]:
-    return [os.environ.get("QEMU_STORAGE_DAEMON", "qemu-storage-daemon"),
-            "--blockdev", f"driver=file,node-name=base-file,filename={base}",
-            "--blockdev", "driver=qcow2,node-name=base,file=base-file",
-            "--blockdev", f"driver=file,node-name=top-file,filename={top}",
-            "--blockdev", "driver=qcow2,node-name=top,file=top-file,backing=base",
-            "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}",
-            "--export", f"type=nbd,id=exp0,node-name=top,name={DISK},writable=on",
-            "--chardev", f"socket,id=qmp0,path={qmp_sock},server=on,wait=off",
-            "--monitor", "chardev=qmp0"]
-
-
-def _qmp_name(event: Event) -> str:
-    status = (event.get("data") or {}).get("status")
-    return f"{event['event']}/{status}" if status else str(event["event"])
-
-
-def _is(*names: str) -> Callable[[Event], bool]:
-    return lambda e: e.get("event") in names
-
-
-def copy_base(src: Path, dst: Path) -> None:
-    """Copy the base and make the copy durable, so that no job's flush pays for it."""
-    shutil.copyfile(src, dst)
-    fd = os.open(dst, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _chain(setup: Setup) -> tuple[Path, Path]:
-    base, top = setup.rundir / "base.qcow2", setup.rundir / "top.qcow2"
-    copy_base(setup.base, base)
-    images.create_qcow2(top, setup.size, CLUSTER, backing=base.name)
-    return base, top
-
-
-def _qmp_wait(qmp: MonitorClient, run: JobRun, match: Callable[[Event], bool], t0: float,
-              deadline: float) -> Event | None:
-    """Wait for an event, polling ``query-jobs`` (the job's progress) meanwhile."""
-    while time.monotonic() < deadline:
-        ev = qmp.wait_event(match, min(deadline, time.monotonic() + POLL_S))
-        if ev is not None:
-            return ev
-        for j in qmp.execute("query-jobs"):
-            if j["id"] == "commit0":
-                run.progress.append((time.time() - t0, j["current-progress"],
-                                     j["total-progress"]))
-    return None
-
-
-def _qemu_job(qmp: MonitorClient, setup: Setup, run: JobRun) -> JobTimes:
-    """``block-commit`` of the active layer, ready, ``job-complete``, completed."""
-    t0 = time.time()
-    qmp.execute("block-commit", {"job-id": "commit0", "device": "top"})
-    try:
-        deadline = time.monotonic() + setup.window_s
-        ready = _qmp_wait(qmp, run, _is("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
-                                        "BLOCK_JOB_CANCELLED"), t0, deadline)
-        end, p0 = ready, 0.0
-        if ready is not None and ready["event"] == "BLOCK_JOB_READY":
-            run.ready_s = event_time(ready) - t0
-            p0 = time.time()
-            qmp.execute("job-complete", {"id": "commit0"})
-            run.pause_ms = 1000 * (time.time() - p0)
-            end = _qmp_wait(qmp, run, _is("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), t0,
-                            deadline)
-        if end is None:
-            run.note = (f"did not converge in {setup.window_s:g} s"
-                        + (" (ready, not completed)" if run.ready_s is not None else ""))
-            for j in qmp.execute("query-jobs"):
-                if j["id"] == "commit0":
-                    run.copied, run.job = j["current-progress"], j
-                    qmp.execute("job-cancel", {"id": "commit0"})
-                    if _qmp_wait(qmp, run, _is("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED"),
-                                 t0, time.monotonic() + 30) is None:
-                        run.note += "; cancel did not finish in 30 s"
-            return t0, time.time(), 0.0, 0.0
-        t1 = event_time(end)
-        run.job = dict(end["data"])
-        run.copied = end["data"].get("offset")
-        run.converged = end["event"] == "BLOCK_JOB_COMPLETED" and "error" not in end["data"]
-        if not run.converged:
-            run.note = f"job ended: {end['event']} {end['data'].get('error', '')}".strip()
-        run.total_s = t1 - t0
-        return t0, t1, p0, (t1 if p0 else 0.0)
-    finally:
-        run.events = [(_qmp_name(e), event_time(e) - t0) for e in qmp.events
-                      if event_time(e) >= t0]
-
-
-def run_qemu_commit(setup: Setup) -> JobRun:
-    run = JobRun(QEMU_COMMIT, setup.delta, setup.load.name)
-    d = setup.rundir
-    base, top = _chain(setup)
-    nbd_sock, qmp_sock = d / "nbd.sock", d / "qmp.sock"
-    uri = f"nbd+unix:///{DISK}?socket={nbd_sock}"
-    with ServerProcess("qemu-storage-daemon", _qsd_argv(base, top, nbd_sock, qmp_sock),
-                       nbd_sock, d / "qsd.log", 60), \
-            MonitorClient.connect(str(qmp_sock), time.monotonic() + 30, qmp=True) as qmp:
-        run.fill_s = guest_writer.fill(uri, setup.delta, setup.qd)
-        run.copy_set = delta_allocated(top)
-        record = _with_load(setup, uri, run, lambda: _qemu_job(qmp, setup, run))
-    run.check = check_result(base if run.converged else top, setup, record)
-    return run
-
-
-# --- offline qemu-img commit --------------------------------------------------------
-
-
-def run_offline_commit(setup: Setup) -> tuple[JobRun, Path]:
-    """``qemu-img commit -d`` of a filled chain; returns the run and the committed base."""
-    run = JobRun(QEMU_IMG, setup.delta, setup.load.name)
-    base, top = _chain(setup)
-    with make_server(QEMU_NBD, top, setup.rundir / "fill", readonly=False) as srv:
-        run.fill_s = guest_writer.fill(srv.uri, setup.delta, setup.qd)
-    run.copy_set = delta_allocated(top)
-    t0 = time.perf_counter()
-    images.qemu_img("commit", "-q", "-d", "-f", "qcow2", str(top))
-    run.total_s = run.ready_s = time.perf_counter() - t0
-    run.copied = run.copy_set           # one pass over the allocated clusters, by design
-    run.converged = True
-    run.check = check_result(base, setup, guest_writer.WriterLog())
-    return run, base

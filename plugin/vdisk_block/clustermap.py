@@ -209,11 +209,15 @@ class ClusterMap:
 
     def mark_backing(self, first: int, end: int) -> None:
         """From now on, treat slots [first, end) as having backing data."""
-        for s in range(first, end):
-            i = s >> CHUNK_BITS
-            if self.backing[i] is None:
-                self.backing[i] = array("Q", [0]) * CHUNK
-            self.backing[i][s & CHUNK_MASK] = 1     # type: ignore[index]
+        s = first
+        while s < end:
+            i, lo = s >> CHUNK_BITS, s & CHUNK_MASK
+            hi = min(CHUNK, lo + end - s)
+            c = self.backing[i]
+            if c is None:
+                c = self.backing[i] = array("Q", [0]) * CHUNK
+            c[lo:hi] = array("Q", [1]) * (hi - lo)
+            s += hi - lo
 
     # -- queries -------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from .clustermap import (
@@ -42,9 +43,25 @@ EXTENT_HOLE_ZERO = 3      # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 class MirrorHooks(Protocol):
     """What a running mirror job is told of every change to the guest view."""
 
+    def wait_for_copies(self, offset: int, length: int) -> bool:
+        """Under the disk lock, before a change of [offset, offset + length):
+        wait while a copy in flight overlaps it (the lock is released
+        meanwhile). Returns whether it waited."""
+        ...
+
     def mirror_write(self, data: memoryview, offset: int) -> None: ...
 
     def mirror_zero(self, length: int, offset: int) -> None: ...
+
+
+@dataclass
+class Placement:
+    """Where data for [offset, offset + length) goes in the top file, written
+    outside the lock by the one who asked (see Disk.place)."""
+
+    fd: int
+    pieces: list[tuple[int, int, int]]      # (guest offset, length, host offset)
+    new: list[tuple[int, int, int]]         # clusters allocated: (first, count, host)
 
 
 def _in_place(e: int) -> bool:
@@ -135,33 +152,62 @@ class Disk:
         self._zcache = (key, data)
         return data
 
-    def _read(self, mv: memoryview, offset: int) -> None:
-        """Fill mv with the guest view at offset (caller holds the lock)."""
-        n = len(mv)
+    def _runs(self, offset: int, n: int) -> list[tuple[int, int, int, int]]:
+        """The guest view of [offset, offset + n) as runs (pos, length, map entry,
+        offset within the entry's first slot); entry 0 reads zeros (caller holds
+        the lock)."""
+        out = []
         g = self.map.g
         pos = 0
         while pos < n:
             slot, within = divmod(offset + pos, g)
             e, k = self.map.run(slot, -(-(within + n - pos) // g))
             length = min(k * g - within, n - pos)
+            if e:
+                limit = self.limits[(e >> LAYER_SHIFT) - 1] - offset
+                if pos + length > limit:  # beyond the virtual size of a backing layer
+                    cut = max(pos, limit)
+                    if cut > pos:
+                        out.append((pos, cut - pos, e, within))
+                    out.append((cut, pos + length - cut, 0, 0))
+                    pos += length
+                    continue
+            out.append((pos, length, e, within))
+            pos += length
+        return out
+
+    def _read(self, mv: memoryview, offset: int) -> None:
+        """Fill mv with the guest view at offset (caller holds the lock)."""
+        g = self.map.g
+        for pos, length, e, within in self._runs(offset, len(mv)):
             if not e:
                 mv[pos:pos + length] = bytes(length)
-                pos += length
-                continue
-            layer = (e >> LAYER_SHIFT) - 1
-            if e & KIND_COMPRESSED:
+            elif e & KIND_COMPRESSED:
                 start = (e & SLOT_MASK) * g + within
                 mv[pos:pos + length] = self._decompressed(e)[start:start + length]
             else:
-                got = os.preadv(self._fds[layer], [mv[pos:pos + length]],
+                got = os.preadv(self._fds[(e >> LAYER_SHIFT) - 1], [mv[pos:pos + length]],
                                 (e & PAYLOAD_MASK) + within)
                 if got < length:          # data cluster cut short by the end of the file
                     mv[pos + got:pos + length] = bytes(length - got)
-            limit = self.limits[layer] - offset
-            if pos + length > limit:      # beyond the virtual size of a backing layer
-                cut = max(pos, limit)
-                mv[cut:pos + length] = bytes(pos + length - cut)
-            pos += length
+
+    def locate(self, offset: int, length: int) -> list[tuple[int, int, int, int]] | None:
+        """Where the guest view of [offset, offset + length) lies, for a reader
+        outside the lock: (pos, length, fd, host offset) pieces, fd -1 for zeros
+        (a piece may also end early in its file: zeros beyond). None if a part is
+        compressed. Called under the lock; the pieces stay valid while nothing
+        changes the range (a mirror job keeps guest changes of a range it copies
+        waiting, see wait_for_copies)."""
+        out = []
+        for pos, n, e, within in self._runs(offset, length):
+            if e & KIND_COMPRESSED:
+                return None
+            if not e:
+                out.append((pos, n, -1, 0))
+            else:
+                out.append((pos, n, self._fds[(e >> LAYER_SHIFT) - 1],
+                            (e & PAYLOAD_MASK) + within))
+        return out
 
     # -- reads --------------------------------------------------------------
 
@@ -248,10 +294,19 @@ class Disk:
         if not mv:
             return
         with self.lock:
+            if self.job is not None:
+                self._wait_for_copies(offset, len(mv))
             top = self._writable()      # under the lock: a snapshot or pivot may swap it
             self._write_top(top, mv, offset)
             if self.job is not None:
                 self.job.mirror_write(mv, offset)
+
+    def _wait_for_copies(self, offset: int, length: int) -> None:
+        """Before changing [offset, offset + length) while a job runs: wait until
+        no copy in flight overlaps it. The lock is released while waiting, so
+        the caller takes top and job only afterwards."""
+        while (job := self.job) is not None and job.wait_for_copies(offset, length):
+            pass
 
     def _write_top(self, top: TopImage, mv: memoryview, offset: int) -> None:
         top.begin_write()
@@ -263,14 +318,29 @@ class Disk:
             else:
                 c = self._write_allocating(top, c, last, mv, offset)
 
+    @staticmethod
+    def _in_place_run(top: TopImage, c: int, last: int) -> tuple[int, int]:
+        """(end, host) of the run of top clusters from c (at most to last) that
+        can be overwritten where they are, contiguous on the host."""
+        host = top.entry(c) & OFFSET_MASK
+        run = c + 1
+        while run <= last and top.entry(run) == (host + (run - c) * top.cs) | COPIED:
+            run += 1
+        return run, host
+
+    @staticmethod
+    def _new_run(top: TopImage, c: int, last: int) -> int:
+        """End of the run of clusters from c (at most to last) the top does not own."""
+        run = c + 1
+        while run <= last and not _in_place(top.entry(run)):
+            run += 1
+        return run
+
     def _write_in_place(self, top: TopImage, c: int, last: int, mv: memoryview,
                         offset: int) -> int:
         """Overwrite a run of top clusters that are contiguous on the host."""
         cs = top.cs
-        host = top.entry(c) & OFFSET_MASK
-        run = c + 1
-        while run <= last and top.entry(run) == (host + (run - c) * cs) | COPIED:
-            run += 1
+        run, host = self._in_place_run(top, c, last)
         lo = max(offset, c * cs)
         hi = min(offset + len(mv), run * cs)
         self._pwrite(top, mv[lo - offset:hi - offset], host + lo - c * cs)
@@ -280,9 +350,7 @@ class Disk:
                           offset: int) -> int:
         """Write a run of clusters the top does not own into new clusters."""
         cs = top.cs
-        run = c + 1
-        while run <= last and not _in_place(top.entry(run)):
-            run += 1
+        run = self._new_run(top, c, last)
         count = run - c
         gstart, gend = c * cs, min(run * cs, self.size)
         lo, hi = max(offset, gstart), min(offset + len(mv), gend)
@@ -310,6 +378,56 @@ class Disk:
         while done < len(data):
             done += os.pwrite(top.fd, data[done:], host + done)
         top.data_dirty = True
+
+    def place(self, offset: int, length: int) -> Placement | None:
+        """Host places for writing [offset, offset + length) as plain data outside
+        the lock: clusters the top owns, and whole clusters allocated now. None
+        if a cluster would need copy-on-write (then write under the lock).
+
+        Called under the lock. The caller writes the pieces without the lock,
+        then calls link() (or unplace() if it could not write) under the lock;
+        meanwhile nobody else may change the range (a mirror job's copy: guest
+        changes of it wait, see wait_for_copies).
+        """
+        top = self._writable()
+        top.begin_write()
+        cs = top.cs
+        end = offset + length
+        c, last = offset // cs, (end - 1) // cs
+        p = Placement(top.fd, [], [])
+        while c <= last:
+            if _in_place(top.entry(c)):
+                run, host = self._in_place_run(top, c, last)
+                lo, hi = max(offset, c * cs), min(end, run * cs)
+                p.pieces.append((lo, hi - lo, host + lo - c * cs))
+            else:
+                run = self._new_run(top, c, last)
+                gstart, gend = c * cs, min(run * cs, self.size)
+                if offset > gstart or end < gend:
+                    self.unplace(p)
+                    return None
+                host = top.refcounts.allocate(run - c)
+                p.new.append((c, run - c, host))
+                p.pieces.append((gstart, gend - gstart, host))
+            c = run
+        top.data_dirty = True
+        return p
+
+    def link(self, p: Placement) -> None:
+        """Under the lock, once the data of p is written: the new clusters take
+        their place in the top."""
+        top = self._writable()
+        top.data_dirty = True
+        for c, count, host in p.new:
+            for i in range(count):
+                self._set_top(top, c + i, (host + i * top.cs) | COPIED)
+
+    def unplace(self, p: Placement) -> None:
+        """Under the lock: give back the clusters place() allocated for p."""
+        top = self._writable()
+        for _c, count, host in p.new:
+            top.refcounts.undo_allocate(host, count)
+        p.new.clear()
 
     def _set_top(self, top: TopImage, c: int, new: int) -> None:
         """Replace the top's entry for cluster c and keep the map in step."""
@@ -342,6 +460,8 @@ class Disk:
     def zero(self, length: int, offset: int, may_trim: bool = False, fast: bool = False) -> None:
         self._check(length, offset)
         with self.lock:
+            if self.job is not None:
+                self._wait_for_copies(offset, length)
             top = self._writable()
             cs = top.cs
             first, end = self._full_clusters(top, length, offset)
@@ -402,6 +522,8 @@ class Disk:
         """Deallocate whole clusters; they read as zeros afterwards (see docs)."""
         self._check(length, offset)
         with self.lock:
+            if self.job is not None:
+                self._wait_for_copies(offset, length)
             top = self._writable()
             per = top.cs // self.map.g
             first, end = self._full_clusters(top, length, offset)

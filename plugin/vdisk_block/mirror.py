@@ -12,16 +12,26 @@ States and transitions (each has a test in tests/unit/test_mirror.py):
        +--cancel()--> cancelled <-+                      +--error--> failed
        +--target error--------------> failed <-----------+
 
-Copy and mirrored writes both run under the disk lock, so their order is the
-order in which they reach the target:
+A guest write waits only for a copy in flight that overlaps it, as QEMU's
+mirror in write-blocking mode does. The copy of a chunk claims its range
+under the disk lock (where its data lies in the served files and goes in the
+target), moves the data without the lock, then settles under the lock; a
+guest change (write, zero, trim) of an overlapping range waits for that, and
+only then writes the top and mirrors itself to the target:
 
     guest write W to clusters C     copy of C (one pass, chunk by chunk)
     ---------------------------     --------------------------------------
-    W before the copy of C:         the copy reads the view with W in it
-    W after the copy of C:          W is mirrored after the copy landed
-    W while C is copied:            impossible, W waits for the lock
+    W before the claim of C:        the copy reads the view with W in it
+    W after C settled:              W is mirrored after the copy landed
+    W while C is in flight:         W waits for C to settle, then as above
+    W elsewhere meanwhile:          runs at once (the claim covers whole
+                                    clusters of every image involved)
 
 so a stale copy never lands on newer data and every cluster is copied once.
+Data moves outside the lock only between clusters the source already holds
+and target clusters already in place (or allocated by the claim and linked
+when it settles); a cancel or failure drains the copy in flight before it
+closes the target, and the pivot drains it as it drains reads.
 Whatever happens to the job, the served chain reads the same: the target only
 changes where the layers above it hold data (the copy set, and clusters the
 guest writes, which land in the top first).
@@ -29,56 +39,65 @@ guest writes, which land in the top first).
 
 from __future__ import annotations
 
-import enum
-import os
+import collections
+import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-from . import identity as ident
-from . import locking
-from .chainops import Persist, adopt, relative_backing
+from .chainops import Persist, adopt
+from .chunkcopy import InFlight
 from .clustermap import LAYER_SHIFT
-from .create import create_qcow2
+from .copyset import layer_ranges, merged
 from .disk import Disk
 from .errors import RequestError
-from .image import COPIED, Qcow2File
+from .mirrorcopy import CopyPass
+from .mirrorstate import ACTIVE, ENDED, State, Stats
+from .mirrortarget import open_target, release_target
+
+__all__ = ["ACTIVE", "ENDED", "JOB_SWITCH_INTERVAL_S", "MirrorJob", "State", "Stats"]
 
 
-class State(enum.Enum):
-    COPYING = "copying"
-    READY = "ready"
-    PIVOTING = "pivoting"
-    DONE = "done"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
+# While a job runs, the interpreter is handed from thread to thread every
+# 0.5 ms instead of every 5: the job's own Python work (opening the target
+# reads and checks all of its metadata) then keeps a guest request waiting
+# for the interpreter for fractions of a millisecond, not for several
+# (measured in docs/benchmarks.md). Process-wide, so counted over jobs.
+JOB_SWITCH_INTERVAL_S = 0.0005
 
 
-ACTIVE = (State.COPYING, State.READY)
+class _SwitchInterval:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    def hold(self) -> None:
+        with self._lock:
+            if not self._users:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, JOB_SWITCH_INTERVAL_S))
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if not self._users:
+                sys.setswitchinterval(self._saved)
 
 
-@dataclass
-class Stats:
-    copy_set_bytes: int = 0
-    bytes_copied: int = 0
-    bytes_mirrored: int = 0
-    passes: int = 0
-    time_to_ready_s: float = 0.0
-    duration_s: float = 0.0
-    pivot_pause_ms: float = 0.0
+_switch_interval = _SwitchInterval()
+
+# Before the pivot, up to PRESYNCS syncs of the target without the lock, until
+# one takes less than QUICK_SYNC_S: the pivot's own flush takes about a third
+# of the last one (measured under the fast load, 1 GiB delta).
+PRESYNCS = 4
+QUICK_SYNC_S = 0.01
 
 
-def _disk_over(top: Qcow2File, lower: list) -> Disk:
-    """A writable Disk of top over lower layers that stay shared with the served disk."""
-    try:
-        return Disk([top, *lower], readonly=False)
-    except BaseException:
-        top.close()
-        raise
-
-
-class MirrorJob:
+class MirrorJob(CopyPass):
     def __init__(self, disk: Disk, collapse: int = 1, *, new_path: str | None = None,
                  chunk: int = 1 << 20,
                  on_change: Callable[[MirrorJob, State], None] | None = None,
@@ -106,160 +125,87 @@ class MirrorJob:
         self.target_path = new_path or disk.layers[collapse].path
         self.dropped: list[str] = []
         self._cond = threading.Condition()
-        self._io = threading.Lock()             # the copy's I/O outside the disk lock
+        # state changes are announced to on_change in order, one at a time,
+        # and where the caller can, after it has let go of the disk lock
+        self._news: collections.deque[State] = collections.deque()
+        self._announcing = threading.Lock()
         self._t0 = time.monotonic()
         self._target: Disk | None = None
         self._copy_set: list[tuple[int, int]] = []
         self._thread: threading.Thread | None = None
+        self._starting = threading.Lock()   # cancel() waits for a start in progress
+        self._quick_switch = False          # holds _switch_interval
+        self._mirroring = False             # guest changes go to the target too
+        # the copy in flight: the guest byte range it claims (whole clusters of
+        # every image involved), and its work without the disk lock
+        self._in_flight = InFlight(disk.lock, disk.path)
+        self._align = disk.map.g
 
     # -- start ----------------------------------------------------------------
 
     def start(self) -> MirrorJob:
+        """Open the target and start the copy pass.
+
+        The disk lock is held only to claim the disk (no snapshot and no other
+        job from then on) and, once the target is open, to take the copy set
+        and start mirroring. Guest writes before that land in the top alone;
+        the copy set, taken at the same instant mirroring starts, covers them.
+        """
         disk = self.disk
-        with disk.lock:
-            if disk.job is not None:
-                raise RequestError(disk.path, "a mirror job is already running on this disk")
-            self._copy_set = self._compute_copy_set()
-            self._target = self._open_target()
-            g = disk.map.g
-            count = 0
-            for first, end in self._copy_set:
-                disk.map.mark_backing(first, end)   # the target may now hold data there
-                count += end - first
-            self.stats.copy_set_bytes = min(count * g, disk.size)
-            disk.job = self
-        self._notify(State.COPYING)
+        with self._starting:
+            with disk.lock:
+                if disk.job is not None:
+                    raise RequestError(disk.path, "a mirror job is already running on this disk")
+                if self.state is not State.COPYING:
+                    raise RequestError(disk.path, f"the job is {self.state.value}")
+                disk.job = self
+                self._hurry(True)
+                assert disk.top is not None
+                if not self.new_path and self.collapse == 1:
+                    # the child whose parent ID the target's fresh ID goes to
+                    # is the top: its own first-write ID must not race that
+                    disk.top.begin_write()
+            try:
+                frozen = layer_ranges(disk, range(1, self.collapse))
+                target = open_target(disk, self.collapse, self.new_path, self.on_target_id,
+                                     self._remap)
+            except BaseException:
+                with disk.lock:
+                    if disk.job is self:
+                        disk.job = None
+                    self._hurry(False)
+                raise
+            with disk.lock:
+                self._target = target
+                try:
+                    self._install(frozen)
+                except BaseException:
+                    self._release_target()
+                    self._hurry(False)
+                    raise
+        self._news.append(State.COPYING)
+        self._announce()
         self._thread = threading.Thread(target=self._copy_pass, name="vdisk-mirror",
                                         daemon=True)
         self._thread.start()
         return self
 
-    def _compute_copy_set(self) -> list[tuple[int, int]]:
-        """Slot ranges that any collapsed layer allocates (data or zero) or hides."""
-        disk = self.disk
-        m = disk.map
-        ranges: list[tuple[int, int]] = []
-        for p in range(self.collapse):
-            f = disk.layers[p]
-            assert isinstance(f, Qcow2File)
-            if f.size < disk.size:      # a smaller layer hides what lies below it
-                ranges.append((f.size // m.g, m.nslots))
-            per = f.cluster_size // m.g
-            assert disk.top is not None
-            tables = disk.top.l2.items() if p == 0 else \
-                ((i, l2) for i, _off, l2 in f.l2_tables())
-            for l1_index, l2 in tables:
-                for k, e in enumerate(l2):
-                    if e & ~COPIED:
-                        first = (l1_index * f.header.l2_entries + k) * per
-                        if first < m.nslots:
-                            ranges.append((first, min(first + per, m.nslots)))
-        merged: list[tuple[int, int]] = []
-        for first, end in sorted(ranges):
-            if merged and first <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-            else:
-                merged.append((first, end))
-        return merged
-
-    def _open_target(self) -> Disk:
-        disk = self.disk
-        lower = disk.layers[self.collapse + (0 if self.new_path else 1):]
-        if self.new_path:
-            old_top = disk.layers[0]
-            backing = disk.layers[self.collapse] if self.collapse < len(disk.layers) else None
-            assert isinstance(old_top, Qcow2File)
-            create_qcow2(self.new_path, disk.size, cluster_bits=old_top.cluster_bits,
-                         backing=relative_backing(self.new_path, backing.path) if backing else None,
-                         backing_format=backing.fmt if backing else None,
-                         parent_id=backing.identity.content_id if backing else None)
-            try:
-                return _disk_over(Qcow2File(self.new_path, writable=True), lower)
-            except BaseException:
-                os.unlink(self.new_path)
-                raise
-        orig = disk.layers[self.collapse]
-        if not isinstance(orig, Qcow2File):
-            raise RequestError(orig.path, "a raw image cannot be a consolidation target")
-        # our own read lock must not stop our own writer; others still cannot write
-        locking.lock_image(orig.fd, orig.path, locking.PERM_CONSISTENT_READ, locking.PERM_ALL)
-        try:
-            target = _disk_over(Qcow2File(orig.path, writable=True), lower)
-        except BaseException:
-            locking.lock_for_read(orig.fd, orig.path)
-            raise
-        # The target's data changes from now on: a fresh content ID first
-        # (announced to on_target_id, which journals it, before it is
-        # written), then the image above records that ID, since the chain
-        # still reads the same through it. After a crash between the two, the
-        # service's recovery records it, if the target still has that ID.
-        top, child = target.top, disk.layers[self.collapse - 1]
-        assert top is not None
-        # the served map reads this image's clusters directly: where the
-        # target moves a cluster (copy-on-write), the map must follow before
-        # the old place can be freed and reused
-        target.on_remap = self._remap
-        before = top.f.identity
-        fresh = ident.new_id()
-        try:
-            if self.on_target_id is not None:
-                self.on_target_id(fresh)
-            top.refresh_identity(fresh)
-            ident.set_parent(child, top.f.identity.content_id)
-        except BaseException:
-            # no data was written: the target may take its old ID back
-            if before.valid and top.f.identity.content_id == fresh:
-                assert before.content_id is not None
-                top.f.identity = ident.write(top.fd, top.path, top.f.header,
-                                             before.content_id, before.parent_id)
-            target.layers[0].close()
-            locking.lock_for_read(orig.fd, orig.path)
-            raise
-        orig.identity = top.f.identity
-        return target
-
-    # -- copy and mirror ------------------------------------------------------
-
-    def _copy_pass(self) -> None:
+    def _install(self, frozen: list[tuple[int, int]]) -> None:
+        """Under the disk lock: the copy set, taken as mirroring starts."""
         disk, target = self.disk, self._target
         assert target is not None
+        self._copy_set = merged(frozen + layer_ranges(disk, [0]))
         g = disk.map.g
-        per_chunk = max(1, self.chunk // g)
-        try:
-            for first, end in self._copy_set:
-                for a in range(first, end, per_chunk):
-                    b = min(a + per_chunk, end)
-                    with disk.lock:
-                        if self.state is not State.COPYING:
-                            return
-                        off = a * g
-                        n = min(b * g, disk.size) - off
-                        if disk.map.is_zero(a, b - a):
-                            target.zero(n, off, may_trim=True)
-                        else:
-                            buf = bytearray(n)
-                            disk._read(memoryview(buf), off)
-                            target.write(buf, off)
-                        self.stats.bytes_copied += n
-                    # the lock is not fair: let a guest request that waited
-                    # for this chunk take it before the next one
-                    time.sleep(0)
-            # write the copied data back without holding up the guest; the
-            # flush under the lock then has little left to do. _io keeps a
-            # cancel from closing the target's descriptor under the sync.
-            with self._io:
-                if self._target is None:
-                    return
-                os.fdatasync(target.layers[0].fd)
-            with disk.lock:
-                if self.state is State.COPYING:
-                    target.flush()
-                    self.stats.passes = 1
-                    self.stats.time_to_ready_s = time.monotonic() - self._t0
-                    self._set(State.READY)
-        except Exception as e:          # noqa: BLE001 - the job fails, the disk serves on
-            with disk.lock:
-                self._fail(e)
+        count = 0
+        for first, end in self._copy_set:
+            disk.map.mark_backing(first, end)       # the target may now hold data there
+            count += end - first
+        self.stats.copy_set_bytes = min(count * g, disk.size)
+        self._align = max(g, target.cluster_size,
+                          *(f.cluster_size for f in disk.layers[:self.collapse]))
+        self._mirroring = True
+
+    # -- mirror ------------------------------------------------------------------
 
     def _remap(self, cluster: int, entry: int) -> None:
         """Into mode, under the disk lock: the target's cluster now is entry.
@@ -278,10 +224,12 @@ class MirrorJob:
 
     def mirror_write(self, data: memoryview, offset: int) -> None:
         """Called under the disk lock after the top took the write."""
-        self._mirror(offset, len(data), lambda t: t.write(data, offset))
+        if self._mirroring:
+            self._mirror(offset, len(data), lambda t: t.write(data, offset))
 
     def mirror_zero(self, length: int, offset: int) -> None:
-        self._mirror(offset, length, lambda t: t.zero(length, offset, may_trim=True))
+        if self._mirroring:
+            self._mirror(offset, length, lambda t: t.zero(length, offset, may_trim=True))
 
     def _mirror(self, offset: int, length: int, op: Callable[[Disk], None]) -> None:
         if not self.new_path:
@@ -300,13 +248,33 @@ class MirrorJob:
     # -- end states -------------------------------------------------------------
 
     def complete(self, persist: Persist | None = None) -> list[str]:
-        """Pivot: the disk serves the target chain. Returns images no longer used."""
+        """Pivot: the disk serves the target chain. Returns images no longer used.
+
+        The guest waits for the barrier alone: from the pivoting state to
+        done, the disk lock is held while requests drain, the target is
+        flushed (its data was written back just before, without the lock),
+        the new chain is persisted and switched to.
+        """
         disk = self.disk
+        # write the target's data back without the lock, again while a sync
+        # takes long (a busy guest mirrored much meanwhile), so that the
+        # flush in the barrier has little left
+        for _ in range(PRESYNCS):
+            if self.state is not State.READY:
+                break
+            t = time.monotonic()
+            with contextlib.suppress(OSError):  # (then the flush below reports it)
+                self._sync_target()
+            if time.monotonic() - t < QUICK_SYNC_S:
+                break
         with disk.lock:
             if self.state is not State.READY:
                 raise RequestError(disk.path, f"the job is {self.state.value}, not ready")
-            self._set(State.PIVOTING)
             t0 = time.monotonic()
+            # announced at once: the journal says pivoting before the catalog
+            # names the new chain (persist)
+            self._set(State.PIVOTING)
+            self._announce()
             target = self._target
             assert target is not None
             try:
@@ -314,6 +282,7 @@ class MirrorJob:
                 # switch, so no request (nor a read outside the lock) runs
                 # between the last flush of the target and the new chain
                 disk.drain_reads()
+                self._in_flight.drain()
                 target.flush()
                 if persist is not None:
                     persist(self.target_path)
@@ -328,14 +297,16 @@ class MirrorJob:
             self.stats.pivot_pause_ms = (time.monotonic() - t0) * 1000
             self.stats.duration_s = time.monotonic() - self._t0
             self._set(State.DONE)
-            return self.dropped
+        self._announce()
+        return self.dropped
 
     def cancel(self) -> None:
-        with self.disk.lock:
+        with self._starting, self.disk.lock:
             if self.state not in ACTIVE:
                 raise RequestError(self.disk.path, f"the job is {self.state.value}")
             self._release_target()
             self._set(State.CANCELLED)
+        self._announce()
 
     def _fail(self, e: BaseException) -> None:
         """Called under the disk lock: abandon the target, keep serving the chain."""
@@ -344,40 +315,48 @@ class MirrorJob:
         self.error = str(e)
         self._release_target()
         self._set(State.FAILED)
+        self._announce()                # (a failure is announced at once)
 
     def _release_target(self) -> None:
+        """Under the disk lock: the disk goes on without the job."""
         disk, target = self.disk, self._target
-        disk.job = None
+        if disk.job is self:
+            disk.job = None
+        self._mirroring = False
+        self._in_flight.let_go()
         self.stats.duration_s = time.monotonic() - self._t0
         if target is None:
             return
-        with self._io:                  # no sync of the copy thread still under way
-            if target.top is not None and not self.new_path:
-                try:                    # an image of the chain: what it holds stays whole
-                    target.top.flush()
-                except OSError:
-                    pass                # (a failing target: leaks at worst)
-            target.layers[0].close()
-            self._target = None
-        if self.new_path:
-            os.unlink(self.new_path)
-        else:
-            orig = disk.layers[self.collapse]
-            locking.lock_for_read(orig.fd, orig.path)
+        self._in_flight.drain()
+        release_target(disk, self.collapse, self.new_path, target)
+        self._target = None
 
     def _set(self, state: State) -> None:
+        """Change state (under the disk lock) and queue its announcement."""
         with self._cond:
             self.state = state
+            self._news.append(state)
             self._cond.notify_all()
-        self._notify(state)
+        if state in ENDED:
+            self._hurry(False)
 
-    def _notify(self, state: State) -> None:
-        if self.on_change is not None:
-            self.on_change(self, state)
+    def _hurry(self, on: bool) -> None:
+        """Under the disk lock: the short switch interval, while the job runs."""
+        if on != self._quick_switch:
+            self._quick_switch = on
+            (_switch_interval.hold if on else _switch_interval.release)()
+
+    def _announce(self) -> None:
+        """Tell on_change (the journal) of the queued state changes, in order."""
+        with self._announcing:
+            while self._news:
+                state = self._news.popleft()
+                if self.on_change is not None:
+                    self.on_change(self, state)
 
     def wait(self, states: tuple[State, ...], timeout: float) -> State:
         """Wait until the job reaches one of states (or an end state); bounded."""
-        end = (*states, State.DONE, State.CANCELLED, State.FAILED)
+        end = (*states, *ENDED)
         with self._cond:
             self._cond.wait_for(lambda: self.state in end, timeout)
             return self.state
@@ -385,3 +364,4 @@ class MirrorJob:
     def info(self) -> dict:
         return {"state": self.state.value, "target": self.target_path, "error": self.error,
                 "collapse": self.collapse, "dropped": self.dropped, **asdict(self.stats)}
+

@@ -1,0 +1,152 @@
+"""The copy pass of a mirror job: the copy set, chunk by chunk, once.
+
+A mixin of MirrorJob (mirror.py), which gives it the disk, the target, the
+copy set, the state and the figures. Each chunk is claimed under the disk
+lock (where its bytes lie and go, chunkcopy.py), moved without it, and
+settled under it; a guest change of a claimed range waits for the settle
+(wait_for_copies, called by the disk). A chunk that needs the lock to be
+read or written (zeros, a compressed source, copy-on-write in the target)
+is copied under it. When the pass is done, the target's data is written
+back without the lock, and the job is ready.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from .chunkcopy import Chunk, InFlight, transfer
+from .disk import Disk
+from .mirrorstate import State, Stats
+
+# While the guest writes, the copy leaves it most of the machine: after a
+# chunk during which guest changes were mirrored, the copy pauses three times
+# as long as the chunk took. An idle guest's disk is copied at full speed; a
+# busy one's over a longer time, with less of its throughput lost (measured
+# in docs/benchmarks.md). The pass is still a single one.
+BUSY_PAUSE = 3.0
+
+
+class CopyPass:
+    disk: Disk
+    state: State
+    stats: Stats
+    chunk: int
+    _target: Disk | None
+    _copy_set: list[tuple[int, int]]
+    _in_flight: InFlight
+    _align: int
+    _t0: float
+    _set: Callable[[State], None]
+    _fail: Callable[[BaseException], None]
+    _announce: Callable[[], None]
+
+    def _copy_pass(self) -> None:
+        disk, target = self.disk, self._target
+        assert target is not None
+        g = disk.map.g
+        per_chunk = max(1, self.chunk // g)
+        zeros = bytes(per_chunk * g)
+        seen = self.stats.bytes_mirrored
+        try:
+            for first, end in self._copy_set:
+                for a in range(first, end, per_chunk):
+                    b = min(a + per_chunk, end)
+                    with disk.lock:
+                        t = time.monotonic()
+                        if self.state is not State.COPYING:
+                            return
+                        c = self._claim(target, a, b)
+                    if c is not None:
+                        error = None
+                        try:
+                            transfer(c, zeros)
+                        except Exception as e:      # noqa: BLE001 - settled below
+                            error = e
+                        finally:
+                            self._in_flight.io_end()
+                        with disk.lock:
+                            self._settle(c, error)
+                    # (a pause of 0 still lets a guest request that waited for
+                    # this chunk take the lock, which is not fair, before the next)
+                    busy = self.stats.bytes_mirrored != seen
+                    seen = self.stats.bytes_mirrored
+                    time.sleep(BUSY_PAUSE * (time.monotonic() - t) if busy else 0)
+            # the target's data on disk now, without holding up the guest; its
+            # metadata is written by the pivot's flush (a crash before it
+            # leaves the served chain as it was, the target at worst leaking)
+            self._sync_target()
+            with disk.lock:
+                if self.state is State.COPYING:
+                    self.stats.passes = 1
+                    self.stats.time_to_ready_s = time.monotonic() - self._t0
+                    self._set(State.READY)
+            self._announce()
+        except Exception as e:          # noqa: BLE001 - the job fails, the disk serves on
+            with disk.lock:
+                self._fail(e)
+
+    def _claim(self, target: Disk, a: int, b: int) -> Chunk | None:
+        """Under the disk lock: copy slots [a, b) now if that needs the lock
+        (zeros, a compressed source, copy-on-write in the target); otherwise
+        claim their range and return where the data lies and goes."""
+        disk = self.disk
+        g = disk.map.g
+        off = a * g
+        n = min(b * g, disk.size) - off
+        if disk.map.is_zero(a, b - a):
+            target.zero(n, off, may_trim=True)
+        else:
+            src = disk.locate(off, n)
+            dst = None if src is None else target.place(off, n)
+            if src is not None and dst is not None:
+                al = self._align
+                self._in_flight.claim(off - off % al, -(-(off + n) // al) * al)
+                return Chunk(off, n, src, dst)
+            buf = bytearray(n)
+            disk._read(memoryview(buf), off)
+            target.write(buf, off)
+        self.stats.bytes_copied += n
+        return None
+
+    def _settle(self, c: Chunk, error: Exception | None) -> None:
+        """Under the disk lock, the data moved (or not): the target takes the
+        clusters it allocated for it, and guest changes of the range go on."""
+        target = self._target
+        if target is not None:          # else cancelled or failed meanwhile
+            if error is None:
+                target.link(c.dst)
+                self.stats.bytes_copied += c.length
+            else:
+                target.unplace(c.dst)
+        self._in_flight.settled()
+        if error is not None:
+            self._fail(error)
+
+    def _sync_target(self) -> None:
+        """Write the target's data back without holding up the guest: a flush
+        under the lock then only has what was mirrored since (and metadata)."""
+        with self.disk.lock:
+            target = self._target
+            if target is None or target.top is None:
+                return
+            top = target.top
+            top.data_dirty = False      # what is written from now on sets it again
+            self._in_flight.io_begin()
+        error = None
+        try:
+            os.fdatasync(top.fd)
+        except OSError as e:
+            error = e
+        finally:
+            self._in_flight.io_end()
+        if error is not None:
+            with self.disk.lock:
+                top.data_dirty = True
+            raise error
+
+    def wait_for_copies(self, offset: int, length: int) -> bool:
+        """Under the disk lock, before a guest change of [offset, offset + length):
+        wait (the lock released) for a copy in flight that overlaps it."""
+        return self._in_flight.wait(offset, length)

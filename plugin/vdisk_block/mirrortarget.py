@@ -1,0 +1,108 @@
+"""The target of a mirror job, opened as a writable Disk and let go.
+
+The target is either a new image on top of the layer below the collapsed
+ones (new mode), or that layer itself (into mode). Either way it is served
+by a second Disk over the lower layers, which stay shared with the served
+disk. Opening it reads all of its metadata and may write and sync headers;
+none of it touches what the served disk reads, so it runs without the disk
+lock (the job has claimed the disk: no snapshot or other job meanwhile).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from . import identity as ident
+from . import locking
+from .chainops import relative_backing
+from .create import create_qcow2
+from .disk import Disk
+from .errors import RequestError
+from .image import Qcow2File
+
+
+def _disk_over(top: Qcow2File, lower: list) -> Disk:
+    """A writable Disk of top over lower layers that stay shared with the served disk."""
+    try:
+        return Disk([top, *lower], readonly=False)
+    except BaseException:
+        top.close()
+        raise
+
+
+def open_target(disk: Disk, collapse: int, new_path: str | None,
+                on_target_id: Callable[[bytes], None] | None,
+                on_remap: Callable[[int, int], None]) -> Disk:
+    """The target of collapsing disk's top ``collapse`` layers, ready for writes."""
+    lower = disk.layers[collapse + (0 if new_path else 1):]
+    if new_path:
+        old_top = disk.layers[0]
+        backing = disk.layers[collapse] if collapse < len(disk.layers) else None
+        assert isinstance(old_top, Qcow2File)
+        create_qcow2(new_path, disk.size, cluster_bits=old_top.cluster_bits,
+                     backing=relative_backing(new_path, backing.path) if backing else None,
+                     backing_format=backing.fmt if backing else None,
+                     parent_id=backing.identity.content_id if backing else None)
+        try:
+            return _disk_over(Qcow2File(new_path, writable=True), lower)
+        except BaseException:
+            os.unlink(new_path)
+            raise
+    orig = disk.layers[collapse]
+    if not isinstance(orig, Qcow2File):
+        raise RequestError(orig.path, "a raw image cannot be a consolidation target")
+    # our own read lock must not stop our own writer; others still cannot write
+    locking.lock_image(orig.fd, orig.path, locking.PERM_CONSISTENT_READ, locking.PERM_ALL)
+    try:
+        target = _disk_over(Qcow2File(orig.path, writable=True), lower)
+    except BaseException:
+        locking.lock_for_read(orig.fd, orig.path)
+        raise
+    # The target's data changes from now on: a fresh content ID first
+    # (announced to on_target_id, which journals it, before it is
+    # written), then the image above records that ID, since the chain
+    # still reads the same through it. After a crash between the two, the
+    # service's recovery records it, if the target still has that ID.
+    top, child = target.top, disk.layers[collapse - 1]
+    assert top is not None
+    # the served map reads this image's clusters directly: where the
+    # target moves a cluster (copy-on-write), the map must follow before
+    # the old place can be freed and reused
+    target.on_remap = on_remap
+    before = top.f.identity
+    fresh = ident.new_id()
+    try:
+        if on_target_id is not None:
+            on_target_id(fresh)
+        top.refresh_identity(fresh)
+        ident.set_parent(child, top.f.identity.content_id)
+    except BaseException:
+        # no data was written: the target may take its old ID back
+        if before.valid and top.f.identity.content_id == fresh:
+            assert before.content_id is not None
+            top.f.identity = ident.write(top.fd, top.path, top.f.header,
+                                         before.content_id, before.parent_id)
+        target.layers[0].close()
+        locking.lock_for_read(orig.fd, orig.path)
+        raise
+    orig.identity = top.f.identity
+    return target
+
+
+def release_target(disk: Disk, collapse: int, new_path: str | None, target: Disk) -> None:
+    """Close a target the disk will not pivot to: a new image is removed, an
+    image of the chain is flushed (what it holds stays whole; its unused
+    cluster reserve goes back) and read-locked again (its fresh content ID
+    stays)."""
+    if not new_path and target.top is not None:
+        try:
+            target.top.flush()
+        except OSError:
+            pass                        # a failing target: leaks at worst
+    target.layers[0].close()
+    if new_path:
+        os.unlink(new_path)
+    else:
+        orig = disk.layers[collapse]
+        locking.lock_for_read(orig.fd, orig.path)
