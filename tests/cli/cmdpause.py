@@ -9,6 +9,8 @@ else of the command changes. Points:
 
     consolidate-copy   an offline consolidation, its copy pass not yet started
                        (the job is journalled, its target created)
+    consolidate-start  an offline consolidation journalled, its target not made yet
+    pivoted            a consolidation's pivot recorded, what it dropped not deleted
     backup-copy        a backup, snapshot taken and journalled, before the copy
 """
 
@@ -45,6 +47,24 @@ def main() -> int:
             copy_pass(self)
 
         MirrorJob._copy_pass = held_copy_pass    # type: ignore[method-assign]
+    elif point == "consolidate-start":
+        start = MirrorJob.start
+
+        def held_start(self: MirrorJob) -> Any:
+            hold()
+            return start(self)
+
+        MirrorJob.start = held_start             # type: ignore[method-assign]
+    elif point == "pivoted":
+        from vdisk_block import recovery
+
+        finish_pivot = recovery.finish_pivot
+
+        def held_finish(*args: Any, **kwargs: Any) -> None:
+            hold()
+            finish_pivot(*args, **kwargs)
+
+        recovery.finish_pivot = held_finish      # type: ignore[assignment]
     elif point == "backup-copy":
         run = qemu_img.run
 
