@@ -220,3 +220,47 @@ def test_a_worker_that_keeps_dying_is_given_up_and_its_endpoint_closed(
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "giving up" in err and "always fails" in err, err
+
+
+def test_removing_a_disk_with_a_job_is_refused_and_its_worker_untouched(
+        datastore: Datastore, serve: Serve) -> None:
+    datastore.create("a", "8M")
+    served = serve(datastore)
+    datastore.vdisk("snapshot", "a")
+    with connect(served.uri("a")) as h:
+        h.pwrite(b"\x07" * MiB, 0)
+        h.flush()
+    pid = served.worker_pid("a")
+    job = datastore.json("consolidate", "a", "--no-pivot")
+    assert job["state"] == "ready"
+    refused = datastore.vdisk("disk", "remove", "a", check=False)
+    assert refused.returncode == 1 and "job" in refused.error_line(), refused.stderr
+    assert served.worker_pid("a") == pid and served.worker("a")["state"] == "running"
+    with connect(served.uri("a")) as h:               # still served, still mirrored
+        h.pwrite(b"\x08" * MiB, MiB)
+        h.flush()
+    assert datastore.json("job", "complete", str(job["id"]))["state"] == "done"
+    with connect(served.uri("a")) as h:
+        assert h.pread(2 * MiB, 0) == b"\x07" * MiB + b"\x08" * MiB
+    assert served.worker_pid("a") == pid
+
+
+def test_a_killed_supervisor_takes_its_workers_along_and_a_new_one_serves(
+        datastore: Datastore, serve: Serve) -> None:
+    datastore.create("a", "8M")
+    served = serve(datastore)
+    worker = served.worker_pid("a")
+    h = nbd.NBD()
+    h.connect_uri(served.uri("a"))
+    h.pwrite(b"\x09" * MiB, 0)
+    h.flush()
+    served.proc.kill()                                # no chance to stop its workers
+    served.proc.wait(15)
+    wait_gone(worker, timeout=30)                     # the worker notices on its own
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    del h
+    again = serve(datastore)                          # the stale sockets are replaced
+    assert again.worker_pid("a") != worker
+    with connect(again.uri("a")) as h2:
+        assert h2.pread(MiB, 0) == b"\x09" * MiB
