@@ -214,3 +214,32 @@ def test_sigkill_during_a_backup_copy_leaves_nothing_running_and_is_settled(
     assert chain_length(ds.top("a")) == before + 2      # the backup's snapshot, and ours
     ds.vdisk("consolidate", "a")                        # nothing holds up a new job
     assert not alive(copier)
+
+
+def test_sigterm_during_a_backups_merge_back_says_how_to_merge(datastore: Datastore,
+                                                               tmp_path: Path) -> None:
+    ds = datastore
+    expected = _disk_with_delta(ds, tmp_path)
+    before = chain_length(ds.top("a"))
+    backup = tmp_path / "a-backup.qcow2"
+    held = Held(tmp_path, "consolidate-copy", "backup", "a", "--to", backup, "-d", ds.path)
+    try:
+        held.wait_held()                              # copied; merging the snapshot back
+        held.proc.send_signal(signal.SIGTERM)
+        out, err = held.proc.communicate(timeout=60)
+    finally:
+        held.kill()
+    assert held.proc.returncode == 143, err
+    assert len(err.splitlines()) == 1 and "interrupted; backup" in err, err
+    merge = err.split("(", 1)[1].split("'")[1]       # 'vdisk consolidate a --into X'
+    assert merge.startswith("vdisk consolidate a --into "), err
+    qemu_img.compare(backup, ds.top("a"))            # raises if they differ
+    assert chain_length(ds.top("a")) == before + 1   # the snapshot stays, nothing lost
+    view = tmp_path / "after.raw"
+    qemu_img.convert(ds.top("a"), view, "raw")
+    assert view.read_bytes() == expected
+    ds.vdisk(*merge.split()[1:])                     # what the message says works
+    assert chain_length(ds.top("a")) == before
+    qemu_img.convert(ds.top("a"), view, "raw")
+    assert view.read_bytes() == expected
+    qemu_img.check(ds.top("a"))
