@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from guestharness import GuestChain, sha256_file
 
-from vdisk import guest, machine, qemu_img
+from vdisk import qemu_img
+from vdisk.lab import guest, machine
 
 
 @pytest.fixture(scope="session")

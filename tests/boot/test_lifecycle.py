@@ -37,9 +37,10 @@ from typing import Any
 import pytest
 from guestharness import BOOT_TIMEOUT, EXIT_TIMEOUT, sha256_file
 
-from vdisk import attach, guest, qemu_img, records
+from vdisk import attach, qemu_img
 from vdisk.control import ControlClient
-from vdisk.lifedemo import (
+from vdisk.lab import guest, records
+from vdisk.lab.lifedemo import (
     VdiskServer,
     WriterConsole,
     disk_chain,
@@ -49,7 +50,7 @@ from vdisk.lifedemo import (
     vdisk,
     verify_prefix,
 )
-from vdisk.machine import Machine
+from vdisk.lab.machine import Machine
 
 pytestmark = pytest.mark.boot
 

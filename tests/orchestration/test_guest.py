@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vdisk import guest
+from vdisk.lab import guest
 
 
 def test_config_text_one_line_per_value() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vdisk import accel
-from vdisk.machine import Machine, MachineExited, MachineStartError, MachineTimeout, binary
-from vdisk.qmp import QmpCommandError, QmpTimeout
+from vdisk.lab import accel
+from vdisk.lab.machine import Machine, MachineExited, MachineStartError, MachineTimeout, binary
+from vdisk.lab.qmp import QmpCommandError, QmpTimeout
 
 needs_qemu = pytest.mark.skipif(
     shutil.which(binary()) is None, reason=f"{binary()} is not installed (qemu-system-x86)"

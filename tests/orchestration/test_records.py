@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vdisk import qemu_img, records
-from vdisk.guest import marker_fields
+from vdisk import qemu_img
+from vdisk.lab import records
+from vdisk.lab.guest import marker_fields
 
 RUN = "0123456789abcdef"
 PAYLOAD = records.RECORD_SIZE - records.HEADER_SIZE - records.BODY_TEXT_SIZE

@@ -1,6 +1,6 @@
 """The life of a running disk: snapshot, live backup, online consolidation, pivot, replica.
 
-    python -m vdisk.lifedemo [--workdir DIR] [--guest-dir DIR] [--verbose]
+    python -m vdisk.lab.lifedemo [--workdir DIR] [--guest-dir DIR] [--verbose]
 
 1. Builds the test guest with vm-images/build (cached) and imports it into a
    fresh datastore as disk ``vm`` (``vdisk datastore init``, ``vdisk disk import``).
@@ -20,7 +20,7 @@
    intact (the disk at the snapshot); the disk is one image again, with no
    leftover delta; ``qemu-img check`` finds the backup and the disk clean.
 5. Replicates the disk and a linked clone of it to a second datastore and
-   boots the guest from there (:mod:`vdisk.replicatedemo`): ``vdisk
+   boots the guest from there (:mod:`vdisk.lab.replicatedemo`): ``vdisk
    snapshot``, ``vdisk disk create vm-clone --backing FROZEN``, ``vdisk
    replicate`` of both (the clone's run copies its own top and links the
    frozen image to vm's copy), ``vdisk serve`` of the target and the
@@ -53,12 +53,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import attach, guest, process, qemu_img, records
+from .. import attach, process, qemu_img
+from ..errors import CommandError, Error
+from ..progress import human_bytes
+from . import guest, records
 from .accel import detect_accel
 from .bootdemo import DemoFailure, demo_main, field
-from .errors import CommandError, Error
 from .machine import Machine
-from .progress import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class VdiskServer(process.ProcessOwner):
 
 def disk_chain(control: str | os.PathLike[str], disk: str) -> list[str]:
     """The disk's chain (top first) as the server sees it, over the control socket."""
-    from .control import ControlClient
+    from ..control import ControlClient
 
     with ControlClient.connect(control) as client:
         chain: list[str] = client.execute("query-disks", {"disk": disk})["disks"][0]["chain"]

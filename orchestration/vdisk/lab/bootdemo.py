@@ -1,6 +1,6 @@
 """Boot a real QEMU guest from a vdisk export, end to end.
 
-    python -m vdisk.bootdemo [--workdir DIR] [--guest-dir DIR] [--verbose]
+    python -m vdisk.lab.bootdemo [--workdir DIR] [--guest-dir DIR] [--verbose]
 
 1. Builds the test guest with vm-images/build (cached: instant when unchanged).
 2. Puts a fresh qcow2 overlay on it and serves the overlay with nbdkit and the
@@ -30,12 +30,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import attach, guest, qemu_img, qemu_io, records
+from .. import attach, qemu_img, qemu_io
+from ..errors import Error
+from ..nbdkit import NbdkitServer
+from . import guest, records
 from .accel import detect_accel
 from .demo import file_sha256 as sha256_file
-from .errors import Error
 from .machine import Machine
-from .nbdkit import NbdkitServer
 
 MiB = 1024 * 1024
 BOOT_TIMEOUT = 180.0
@@ -155,7 +156,7 @@ def demo_main(name: str, doc: str, run: Callable[[Path, Path | None], Summary],
               quiet_level: int = logging.ERROR) -> int:
     """The command line of a demo: parse, run in a (temporary) work directory,
     print the summary; a failure is one line on stderr and exit code 1."""
-    parser = argparse.ArgumentParser(prog=f"python -m vdisk.{name}",
+    parser = argparse.ArgumentParser(prog=f"python -m vdisk.lab.{name}",
                                      description=doc.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help=workdir_help)
     parser.add_argument("--guest-dir", type=Path,

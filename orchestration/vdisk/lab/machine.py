@@ -15,7 +15,7 @@ SIGTERM, then SIGKILL) and QEMU also dies with the thread that started it
 (``setpriv --pdeathsig``), so an interrupted run leaves no guest behind.
 
 Accelerator: KVM only when it can really run guests
-(:func:`vdisk.accel.detect_accel`), else TCG. The binary is ``$QEMU`` if set,
+(:func:`vdisk.lab.accel.detect_accel`), else TCG. The binary is ``$QEMU`` if set,
 else ``qemu-system-x86_64``.
 """
 
@@ -33,9 +33,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import process
+from .. import process
+from ..errors import Error
 from .accel import detect_accel
-from .errors import Error
 from .qmp import QmpClient, QmpError
 
 log = logging.getLogger(__name__)
