@@ -34,9 +34,8 @@ from .. import attach, qemu_img, qemu_io
 from ..errors import Error
 from ..nbdkit import NbdkitServer
 from . import guest, records
-from .accel import detect_accel
 from .demo import file_sha256 as sha256_file
-from .machine import Machine
+from .machine import Machine, detect_accel
 
 MiB = 1024 * 1024
 BOOT_TIMEOUT = 180.0

@@ -57,9 +57,8 @@ from .. import attach, process, qemu_img
 from ..errors import CommandError, Error
 from ..progress import human_bytes
 from . import guest, records
-from .accel import detect_accel
 from .bootdemo import DemoFailure, demo_main, field
-from .machine import Machine
+from .machine import Machine, detect_accel
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ from typing import Any
 from .. import attach, qemu_img
 from ..progress import human_bytes
 from . import guest, records
-from .accel import detect_accel
 from .bootdemo import DemoFailure, demo_main
 from .lifedemo import (
     BOOT_TIMEOUT,
@@ -49,7 +48,7 @@ from .lifedemo import (
     say,
     vdisk,
 )
-from .machine import Machine
+from .machine import Machine, detect_accel
 
 MiB = 1024 * 1024
 CLONE = "vm-clone"
