@@ -43,7 +43,7 @@ import os
 import re
 import select
 import shlex
-import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -107,12 +107,6 @@ class ServeError(Error):
         self.reason = reason
 
 
-def _pdeathsig_prefix() -> list[str]:
-    """``setpriv --pdeathsig TERM --``: the server stops when the thread that started it dies."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-
-
 class VdiskServer(process.ProcessOwner):
     """``vdisk serve -d DIR --unix-dir RUNDIR --json`` in the foreground, as a
     process we own: one nbdkit worker per disk, on RUNDIR/NAME.sock.
@@ -162,7 +156,8 @@ class VdiskServer(process.ProcessOwner):
         log.debug("Running %s", shlex.join(self.cmd))
         with open(self._output_path, "wb") as err:
             proc = subprocess.Popen(
-                [*_pdeathsig_prefix(), *self.cmd],
+                # SIGTERM, not SIGKILL, if we die: vdisk serve then stops its workers
+                [*process.dies_with_us(signal.SIGTERM), *self.cmd],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
             )  # fmt: skip
         self._proc = proc

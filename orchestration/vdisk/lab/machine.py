@@ -97,16 +97,6 @@ class MachineExited(MachineError):
         self.console_tail = console_tail
 
 
-def _die_with_parent_prefix() -> list[str]:
-    """``setpriv --pdeathsig KILL --``: QEMU gets SIGKILL when the starting thread dies.
-
-    setpriv (util-linux) sets the signal and execs QEMU, so the process we
-    start is QEMU itself. Without setpriv, QEMU runs without that safety net.
-    """
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
-
-
 # --- the machine -------------------------------------------------------------------
 
 
@@ -199,7 +189,7 @@ class Machine(process.ProcessOwner):
         try:
             with open(self.stderr_log, "wb") as err:
                 self._proc = subprocess.Popen(
-                    [*_die_with_parent_prefix(), *self.cmd],
+                    [*process.dies_with_us(), *self.cmd],  # setpriv execs QEMU: the pid is QEMU's
                     stdin=subprocess.DEVNULL,
                     stdout=err,
                     stderr=err,
