@@ -28,8 +28,8 @@ from guestharness import (
 
 from vdisk import attach, qemu_img, qemu_io
 from vdisk.lab import guest, records
-from vdisk.lab.lifedemo import vdisk
 from vdisk.lab.machine import Machine
+from vdisk.lab.vdiskrun import vdisk
 from vdisk.nbdkit import NbdkitServer
 
 pytestmark = pytest.mark.boot

@@ -40,17 +40,16 @@ from guestharness import BOOT_TIMEOUT, EXIT_TIMEOUT, sha256_file
 from vdisk import attach, qemu_img
 from vdisk.control import ControlClient
 from vdisk.lab import guest, records
-from vdisk.lab.lifedemo import (
+from vdisk.lab.machine import Machine
+from vdisk.lab.vdiskrun import (
     VdiskServer,
-    WriterConsole,
     disk_chain,
     image_reader,
     leftover_images,
     nbd_reader,
     vdisk,
-    verify_prefix,
 )
-from vdisk.lab.machine import Machine
+from vdisk.lab.writer import WriterConsole, verify_prefix
 
 pytestmark = pytest.mark.boot
 

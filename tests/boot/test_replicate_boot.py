@@ -27,8 +27,8 @@ from guestharness import BOOT_TIMEOUT, EXIT_TIMEOUT, sha256_file
 
 from vdisk import attach, qemu_img
 from vdisk.lab import guest
-from vdisk.lab.lifedemo import VdiskServer, nbd_reader, vdisk
 from vdisk.lab.machine import Machine
+from vdisk.lab.vdiskrun import VdiskServer, nbd_reader, vdisk
 
 pytestmark = pytest.mark.boot
 

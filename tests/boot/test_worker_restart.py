@@ -42,8 +42,9 @@ from guestharness import BOOT_TIMEOUT, EXIT_TIMEOUT
 
 from vdisk import attach, process, qemu_img
 from vdisk.lab import guest, records
-from vdisk.lab.lifedemo import VdiskServer, WriterConsole, nbd_reader, vdisk
 from vdisk.lab.machine import Machine
+from vdisk.lab.vdiskrun import VdiskServer, nbd_reader, vdisk
+from vdisk.lab.writer import WriterConsole
 
 log = logging.getLogger(__name__)
 

@@ -36,19 +36,10 @@ from typing import Any
 from .. import attach, qemu_img
 from ..progress import human_bytes
 from . import guest, records
-from .bootdemo import DemoFailure, demo_main
-from .lifedemo import (
-    BOOT_TIMEOUT,
-    DISK,
-    EXIT_TIMEOUT,
-    ConsoleEcho,
-    VdiskServer,
-    cli,
-    nbd_reader,
-    say,
-    vdisk,
-)
+from .demokit import BOOT_TIMEOUT, DISK, EXIT_TIMEOUT, DemoFailure, cli, demo_main, say
 from .machine import Machine, detect_accel
+from .vdiskrun import VdiskServer, nbd_reader, vdisk
+from .writer import ConsoleEcho
 
 MiB = 1024 * 1024
 CLONE = "vm-clone"
