@@ -6,7 +6,7 @@ when it fails, and the caller's :class:`~vdisk.errors.CommandError` subclass
 raised with the command, exit code, stderr and stdout. :func:`stop` ends a
 process we started (SIGTERM, a bounded wait, SIGKILL, a bounded wait), and
 :class:`ProcessOwner` is the base of the classes that own one long-lived
-process (:class:`~vdisk.machine.Machine`, :class:`~vdisk.nbdkit.NbdkitServer`).
+process (:class:`~vdisk.nbdkit.NbdkitServer`, :class:`~vdisk.lab.machine.Machine`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""vdisk.guest: the workload configuration the host hands the test guest, and its markers."""
+"""vdisk.lab.guest: the workload configuration the host hands the test guest, and its
+markers."""
 
 from __future__ import annotations
 

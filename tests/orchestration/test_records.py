@@ -1,4 +1,4 @@
-"""vdisk.records: the verifier of the guest writer's records, on regions built here.
+"""vdisk.lab.records: the verifier of the guest writer's records, on regions built here.
 
 Regions are made with :func:`records.make_record`, the same layout the guest's
 shell code writes (the boot tests verify real guest output). Each corruption

@@ -1,7 +1,7 @@
 """vdisk.lab: the QEMU machine harness, the test guest builder glue, the
 writer's records, and the demo programs.
 
-The tests, the benchmarks and ``ci/demo`` use it; nothing of the product
+The tests and ``ci/demo`` use it; nothing of the product
 (the CLI, routing, the supervisor and its workers, the nbdkit, qemu_img and
 replication modules, ...) imports it. It imports the product freely.
 
