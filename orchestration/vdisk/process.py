@@ -6,7 +6,7 @@ when it fails, and the caller's :class:`~vdisk.errors.CommandError` subclass
 raised with the command, exit code, stderr and stdout. :func:`stop` ends a
 process we started (SIGTERM, a bounded wait, SIGKILL, a bounded wait), and
 :class:`ProcessOwner` is the base of the classes that own one long-lived
-process (:class:`~vdisk.machine.Machine`, :class:`~vdisk.nbdkit.NbdkitServer`).
+process (:class:`~vdisk.nbdkit.NbdkitServer`, :class:`~vdisk.lab.machine.Machine`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import functools
 import logging
 import shlex
 import shutil
+import signal
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
@@ -80,14 +81,15 @@ def run(
 
 
 @functools.cache
-def dies_with_us() -> list[str]:
+def dies_with_us(sig: signal.Signals = signal.SIGKILL) -> list[str]:
     """A prefix for a command line that makes the command die with the thread
-    that started it (SIGKILL on its death, however it dies): ``setpriv
-    --pdeathsig KILL --`` from util-linux, where it is installed. A copy that
+    that started it (``sig`` on its death, however it dies): ``setpriv
+    --pdeathsig SIG --`` from util-linux, where it is installed. A copy that
     outlives a killed ``vdisk backup`` would go on writing a file nobody
-    removes."""
+    removes. SIGTERM instead of SIGKILL lets a command that owns processes of
+    its own (``vdisk serve`` and its workers) stop them on the way out."""
     setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+    return [setpriv, "--pdeathsig", sig.name.removeprefix("SIG"), "--"] if setpriv else []
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float, *, log: logging.Logger, name: str) -> int:

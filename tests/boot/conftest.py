@@ -1,7 +1,7 @@
 """Fixtures of the boot tests: the built test guest and chains on top of it.
 
 ``guest_image`` runs ``vm-images/build`` once per session into the cache
-directory of :func:`vdisk.guest.default_outdir` (near-instant when nothing
+directory of :func:`vdisk.lab.guest.default_outdir` (near-instant when nothing
 changed). A host without QEMU's system emulator, or without apt to build the
 guest from Debian packages, skips these tests; a failing build fails them.
 
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from guestharness import GuestChain, sha256_file
 
-from vdisk import guest, machine, qemu_img
+from vdisk import qemu_img
+from vdisk.lab import guest, machine
 
 
 @pytest.fixture(scope="session")

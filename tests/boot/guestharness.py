@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vdisk import attach
-from vdisk.lifedemo import CLI, ServeError, VdiskServer
+from vdisk.lab.vdiskrun import CLI, ServeError, VdiskServer
 
 BOOT_TIMEOUT = 120.0  # boot to the workload's verdict under TCG takes ~5-10 s here
 EXIT_TIMEOUT = 30.0  # the guest powers off right after its verdict

@@ -26,9 +26,10 @@ from guestharness import (
     sha256_file,
 )
 
-from vdisk import attach, guest, qemu_img, qemu_io, records
-from vdisk.lifedemo import vdisk
-from vdisk.machine import Machine
+from vdisk import attach, qemu_img, qemu_io
+from vdisk.lab import guest, records
+from vdisk.lab.machine import Machine
+from vdisk.lab.vdiskrun import vdisk
 from vdisk.nbdkit import NbdkitServer
 
 pytestmark = pytest.mark.boot

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from guestharness import sha256_file
 
-from vdisk import guest, qemu_img
+from vdisk import qemu_img
+from vdisk.lab import guest
 
 pytestmark = pytest.mark.boot
 

@@ -37,19 +37,19 @@ from typing import Any
 import pytest
 from guestharness import BOOT_TIMEOUT, EXIT_TIMEOUT, sha256_file
 
-from vdisk import attach, guest, qemu_img, records
+from vdisk import attach, qemu_img
 from vdisk.control import ControlClient
-from vdisk.lifedemo import (
+from vdisk.lab import guest, records
+from vdisk.lab.machine import Machine
+from vdisk.lab.vdiskrun import (
     VdiskServer,
-    WriterConsole,
     disk_chain,
     image_reader,
     leftover_images,
     nbd_reader,
     vdisk,
-    verify_prefix,
 )
-from vdisk.machine import Machine
+from vdisk.lab.writer import WriterConsole, verify_prefix
 
 pytestmark = pytest.mark.boot
 

@@ -25,9 +25,10 @@ import nbd
 import pytest
 from guestharness import BOOT_TIMEOUT, EXIT_TIMEOUT, sha256_file
 
-from vdisk import attach, guest, qemu_img
-from vdisk.lifedemo import VdiskServer, nbd_reader, vdisk
-from vdisk.machine import Machine
+from vdisk import attach, qemu_img
+from vdisk.lab import guest
+from vdisk.lab.machine import Machine
+from vdisk.lab.vdiskrun import VdiskServer, nbd_reader, vdisk
 
 pytestmark = pytest.mark.boot
 

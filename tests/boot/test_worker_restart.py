@@ -40,9 +40,11 @@ from typing import Any
 import pytest
 from guestharness import BOOT_TIMEOUT, EXIT_TIMEOUT
 
-from vdisk import attach, guest, process, qemu_img, records
-from vdisk.lifedemo import VdiskServer, WriterConsole, nbd_reader, vdisk
-from vdisk.machine import Machine
+from vdisk import attach, process, qemu_img
+from vdisk.lab import guest, records
+from vdisk.lab.machine import Machine
+from vdisk.lab.vdiskrun import VdiskServer, nbd_reader, vdisk
+from vdisk.lab.writer import WriterConsole
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 from vdisk import attach, qemu_img, qemu_io
-from vdisk.lifedemo import CLI, ServeError, VdiskServer, vdisk
-from vdisk.machine import Machine, binary
+from vdisk.lab.machine import Machine, binary
+from vdisk.lab.vdiskrun import CLI, ServeError, VdiskServer, vdisk
 from vdisk.nbdkit import NbdkitServer
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "attach.md"

@@ -1,4 +1,5 @@
-"""vdisk.guest: the workload configuration the host hands the test guest, and its markers."""
+"""vdisk.lab.guest: the workload configuration the host hands the test guest, and its
+markers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vdisk import guest
+from vdisk.lab import guest
 
 
 def test_config_text_one_line_per_value() -> None:

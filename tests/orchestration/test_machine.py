@@ -1,4 +1,4 @@
-"""vdisk.machine, vdisk.qmp and vdisk.accel against a real QEMU, without a guest kernel.
+"""vdisk.lab.machine, vdisk.lab.qmp and vdisk.lab.accel against a real QEMU, without a guest kernel.
 
 QEMU runs paused (``-S``) for the QMP tests, or boots a 512-byte boot sector
 that prints a line on the serial port and then echoes what it receives,
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vdisk import accel
-from vdisk.machine import Machine, MachineExited, MachineStartError, MachineTimeout, binary
-from vdisk.qmp import QmpCommandError, QmpTimeout
+from vdisk.lab import accel, machine
+from vdisk.lab.machine import Machine, MachineExited, MachineStartError, MachineTimeout, binary
+from vdisk.lab.qmp import QmpCommandError, QmpTimeout
 
 needs_qemu = pytest.mark.skipif(
     shutil.which(binary()) is None, reason=f"{binary()} is not installed (qemu-system-x86)"
@@ -94,28 +94,28 @@ def test_kvm_usable_with_hardware_virtualization(tmp_path: Path, flag: str) -> N
 @pytest.mark.parametrize("name", ["kvm", "tcg"])
 def test_vdisk_accel_overrides_detection(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setenv("VDISK_ACCEL", name)
-    accel.detect_accel.cache_clear()
+    machine.detect_accel.cache_clear()
     try:
-        assert accel.detect_accel() == accel.Accel(name, "VDISK_ACCEL")
+        assert machine.detect_accel() == machine.Accel(name, "VDISK_ACCEL")
     finally:
-        accel.detect_accel.cache_clear()
+        machine.detect_accel.cache_clear()
 
 
 @needs_qemu
 def test_detect_accel_on_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """KVM only if nothing speaks against it and QEMU enables it; else TCG with a reason."""
     monkeypatch.delenv("VDISK_ACCEL", raising=False)
-    accel.detect_accel.cache_clear()
+    machine.detect_accel.cache_clear()
     try:
-        chosen = accel.detect_accel()
+        chosen = machine.detect_accel()
     finally:
-        accel.detect_accel.cache_clear()
+        machine.detect_accel.cache_clear()
     if chosen.name == "kvm":
         assert accel.kvm_unusable_reason() is None
-        assert accel.probe_kvm() is None
+        assert machine.probe_kvm() is None
     else:
         assert chosen.name == "tcg"
-        assert chosen.reason == (accel.kvm_unusable_reason() or accel.probe_kvm())
+        assert chosen.reason == (accel.kvm_unusable_reason() or machine.probe_kvm())
 
 
 # --- QMP ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""vdisk.records: the verifier of the guest writer's records, on regions built here.
+"""vdisk.lab.records: the verifier of the guest writer's records, on regions built here.
 
 Regions are made with :func:`records.make_record`, the same layout the guest's
 shell code writes (the boot tests verify real guest output). Each corruption
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vdisk import qemu_img, records
-from vdisk.guest import marker_fields
+from vdisk import qemu_img
+from vdisk.lab import records
+from vdisk.lab.guest import marker_fields
 
 RUN = "0123456789abcdef"
 PAYLOAD = records.RECORD_SIZE - records.HEADER_SIZE - records.BODY_TEXT_SIZE

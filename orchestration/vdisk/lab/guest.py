@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import process
-from .errors import CommandError
+from .. import process
+from ..errors import CommandError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 BUILDER = REPO_ROOT / "vm-images" / "build"
 FW_CFG_NAME = "opt/vdisk/config"
 WORKLOADS = ("selftest", "writer", "nbdclient")

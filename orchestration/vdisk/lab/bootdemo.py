@@ -1,6 +1,6 @@
 """Boot a real QEMU guest from a vdisk export, end to end.
 
-    python -m vdisk.bootdemo [--workdir DIR] [--guest-dir DIR] [--verbose]
+    python -m vdisk.lab.bootdemo [--workdir DIR] [--guest-dir DIR] [--verbose]
 
 1. Builds the test guest with vm-images/build (cached: instant when unchanged).
 2. Puts a fresh qcow2 overlay on it and serves the overlay with nbdkit and the
@@ -20,29 +20,20 @@ Exit code 0 on success; otherwise 1 with a one-line reason on stderr.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
 import socket
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from . import attach, guest, qemu_img, qemu_io, records
-from .accel import detect_accel
+from .. import attach, qemu_img, qemu_io
+from ..nbdkit import NbdkitServer
+from . import guest, records
 from .demo import file_sha256 as sha256_file
-from .errors import Error
-from .machine import Machine
-from .nbdkit import NbdkitServer
+from .demokit import BOOT_TIMEOUT, DemoFailure, demo_main, field
+from .machine import Machine, detect_accel
 
 MiB = 1024 * 1024
-BOOT_TIMEOUT = 180.0
-
-
-class DemoFailure(Exception):
-    """A check failed; the message is the one-line reason."""
 
 
 def free_tcp_port() -> int:
@@ -71,13 +62,6 @@ def boot(
     if "status=pass" not in lines[-1] or returncode != 0:
         raise DemoFailure(f"guest {name} failed: {lines[-2] if len(lines) > 1 else lines[-1]}")
     return lines
-
-
-def field(lines: list[str], prefix: str) -> dict[str, str]:
-    for line in lines:
-        if line.startswith(prefix):
-            return guest.marker_fields(line[len(prefix) :])
-    raise DemoFailure(f"no {prefix!r} line on the console")
 
 
 def run(workdir: Path, guest_dir: Path | None) -> list[tuple[str, str]]:
@@ -145,51 +129,6 @@ def run(workdir: Path, guest_dir: Path | None) -> list[tuple[str, str]]:
         raise DemoFailure(f"the base image {image.path} changed")
     summary.append(("base image", "unchanged (sha256)"))
     return summary
-
-
-Summary = list[tuple[str, str]]
-
-
-def demo_main(name: str, doc: str, run: Callable[[Path, Path | None], Summary],
-              argv: list[str] | None, *, workdir_help: str, logs: str,
-              quiet_level: int = logging.ERROR) -> int:
-    """The command line of a demo: parse, run in a (temporary) work directory,
-    print the summary; a failure is one line on stderr and exit code 1."""
-    parser = argparse.ArgumentParser(prog=f"python -m vdisk.{name}",
-                                     description=doc.split("\n")[0])
-    parser.add_argument("--workdir", type=Path, help=workdir_help)
-    parser.add_argument("--guest-dir", type=Path,
-                        help="where the guest image is built (default: cache)")
-    parser.add_argument("--verbose", action="store_true", help="log every command")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else quiet_level)
-    # SIGTERM ends the demo like Ctrl-C: every process it started is stopped on the way out
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f"vdisk-{name}-") as tmp:
-        workdir = (args.workdir or Path(tmp)).absolute()
-        workdir.mkdir(parents=True, exist_ok=True)
-        try:
-            summary = run(workdir, args.guest_dir)
-        except (DemoFailure, Error) as e:
-            reason = str(e)
-        except KeyboardInterrupt:
-            reason = "interrupted"
-        except Exception as e:  # noqa: BLE001 - libnbd's nbd.Error and anything unexpected
-            reason = f"{type(e).__name__}: {e}"
-        else:
-            reason = ""
-        if reason:
-            print(f"{name}: FAILED: {reason}".splitlines()[0], file=sys.stderr)
-            print("(run with --workdir DIR to keep the logs)" if args.workdir is None
-                  else f"logs: {workdir}/{logs}", file=sys.stderr)
-            return 1
-    width = max(14, *(len(what) + 2 for what, _ in summary))
-    print("\n--- summary")
-    for what, result in summary:
-        print(f"{what:{width}} {result}")
-    print(f"{'total':{width}} {time.monotonic() - start:.1f} s", flush=True)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

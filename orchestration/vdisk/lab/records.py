@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import qemu_img
-from .errors import Error
+from .. import qemu_img
+from ..errors import Error
 
 RECORD_SIZE = 4096
 HEADER_SIZE = 256

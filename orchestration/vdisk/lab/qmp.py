@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import Error
+from ..errors import Error
 
 log = logging.getLogger(__name__)
 

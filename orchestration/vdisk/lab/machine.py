@@ -14,13 +14,16 @@ deadline; leaving the ``with`` block always stops QEMU (QMP ``quit``, then
 SIGTERM, then SIGKILL) and QEMU also dies with the thread that started it
 (``setpriv --pdeathsig``), so an interrupted run leaves no guest behind.
 
-Accelerator: KVM only when it can really run guests
-(:func:`vdisk.accel.detect_accel`), else TCG. The binary is ``$QEMU`` if set,
-else ``qemu-system-x86_64``.
+Accelerator (:func:`detect_accel`): KVM only when it can really run guests,
+that is when the host checks of :mod:`vdisk.lab.accel` find nothing against
+it and QEMU started with ``-accel kvm`` reports KVM present and enabled over
+QMP; else TCG. ``$VDISK_ACCEL`` (``kvm`` or ``tcg``) overrides the detection.
+The binary is ``$QEMU`` if set, else ``qemu-system-x86_64``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -28,14 +31,16 @@ import shlex
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import process
-from .accel import detect_accel
-from .errors import Error
+from .. import process
+from ..errors import Error
+from .accel import kvm_unusable_reason
 from .qmp import QmpClient, QmpError
 
 log = logging.getLogger(__name__)
@@ -90,16 +95,6 @@ class MachineExited(MachineError):
         self.returncode = returncode
         self.stderr = stderr.strip() or "(none)"
         self.console_tail = console_tail
-
-
-def _die_with_parent_prefix() -> list[str]:
-    """``setpriv --pdeathsig KILL --``: QEMU gets SIGKILL when the starting thread dies.
-
-    setpriv (util-linux) sets the signal and execs QEMU, so the process we
-    start is QEMU itself. Without setpriv, QEMU runs without that safety net.
-    """
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 # --- the machine -------------------------------------------------------------------
@@ -194,7 +189,7 @@ class Machine(process.ProcessOwner):
         try:
             with open(self.stderr_log, "wb") as err:
                 self._proc = subprocess.Popen(
-                    [*_die_with_parent_prefix(), *self.cmd],
+                    [*process.dies_with_us(), *self.cmd],  # setpriv execs QEMU: the pid is QEMU's
                     stdin=subprocess.DEVNULL,
                     stdout=err,
                     stderr=err,
@@ -354,3 +349,41 @@ class Machine(process.ProcessOwner):
         except subprocess.TimeoutExpired:
             returncode = None
         raise MachineExited(regex.pattern, returncode, self.stderr_text(), self.console_tail())
+
+
+# --- the accelerator -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str  # "kvm" or "tcg"
+    reason: str  # why this one
+
+
+def probe_kvm(timeout: float = 20.0) -> str | None:
+    """Start QEMU with ``-accel kvm`` (paused, no devices) and ask QMP ``query-kvm``.
+
+    Returns why KVM is unusable, or None if QEMU reports it enabled.
+    """
+    with tempfile.TemporaryDirectory(prefix="vdisk-kvm-probe-") as tmp:
+        try:
+            with Machine(tmp, accel="kvm", paused=True, memory_mb=64, start_timeout=timeout) as vm:
+                state = vm.qmp.execute("query-kvm", timeout=timeout)
+        except MachineError as e:
+            return f"QEMU cannot start with -accel kvm: {e}"
+    if not (state.get("present") and state.get("enabled")):
+        return f"QEMU reports KVM {state}"
+    return None
+
+
+@functools.cache
+def detect_accel() -> Accel:
+    """KVM if it can really run guests, else TCG (decided once per process)."""
+    forced = os.environ.get("VDISK_ACCEL", "")
+    if forced in ("kvm", "tcg"):
+        return Accel(forced, "VDISK_ACCEL")
+    reason = kvm_unusable_reason() or probe_kvm()
+    if reason:
+        log.info("Using TCG: %s", reason)
+        return Accel("tcg", reason)
+    return Accel("kvm", "hardware virtualization available and enabled by QEMU")

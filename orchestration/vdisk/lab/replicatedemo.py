@@ -1,10 +1,10 @@
 """Replicate a disk and a linked clone of it to a second datastore; boot the clone there.
 
-    python -m vdisk.replicatedemo [--workdir DIR] [--guest-dir DIR] [--verbose]
+    python -m vdisk.lab.replicatedemo [--workdir DIR] [--guest-dir DIR] [--verbose]
 
 On a datastore holding the guest's disk ``vm`` (run alone: the test guest
 imported into a fresh datastore; in ci/demo, as the last step of
-:mod:`vdisk.lifedemo`: the disk that has just lived through the writer, the
+:mod:`vdisk.lab.lifedemo`: the disk that has just lived through the writer, the
 backup and the consolidations):
 
 1. ``vdisk snapshot vm`` freezes the disk's image; ``vdisk disk create
@@ -33,22 +33,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import attach, guest, qemu_img, records
-from .accel import detect_accel
-from .bootdemo import DemoFailure, demo_main
-from .lifedemo import (
-    BOOT_TIMEOUT,
-    DISK,
-    EXIT_TIMEOUT,
-    ConsoleEcho,
-    VdiskServer,
-    cli,
-    nbd_reader,
-    say,
-    vdisk,
-)
-from .machine import Machine
-from .progress import human_bytes
+from .. import attach, qemu_img
+from ..progress import human_bytes
+from . import guest, records
+from .demokit import BOOT_TIMEOUT, DISK, EXIT_TIMEOUT, DemoFailure, cli, demo_main, say
+from .machine import Machine, detect_accel
+from .vdiskrun import VdiskServer, nbd_reader, vdisk
+from .writer import ConsoleEcho
 
 MiB = 1024 * 1024
 CLONE = "vm-clone"

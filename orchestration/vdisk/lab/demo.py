@@ -1,6 +1,6 @@
 """Demonstrate vdisk end to end: serve a qcow2 chain over NBD, read it, write it, check it.
 
-    python -m vdisk.demo [--base-format raw] [--keep DIR] [--verbose]
+    python -m vdisk.lab.demo [--base-format raw] [--keep DIR] [--verbose]
 
 1. Builds a chain with qemu-img and qemu-io: a base image with a pattern, a
    qcow2 delta with a second pattern, an empty qcow2 delta on top.
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, qemu_img, qemu_io
-from .errors import Error
-from .nbdkit import PLUGIN, NbdkitServer
+from .. import __version__, qemu_img, qemu_io
+from ..errors import Error
+from ..nbdkit import PLUGIN, NbdkitServer
 
 if TYPE_CHECKING:
     import nbd
@@ -285,7 +285,7 @@ def demo_directory(keep: Path | None) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vdisk.demo", description=__doc__.split("\n")[0]
+        prog="python -m vdisk.lab.demo", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--base-format", choices=("qcow2", "raw"), default="qcow2")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR and keep it")
