@@ -41,7 +41,10 @@ class TopImage:
         self.v3 = h.version >= 3
         self.l1 = f.l1
         self.l2: dict[int, array] = {}
-        self.data_dirty = False
+        # Another process may have written the file and not synced it (a
+        # killed worker's acknowledged writes sit in the page cache): the
+        # first flush syncs, whatever this process wrote.
+        self.data_dirty = True
         self.refcounts = Refcounts(f.fd, f.path, h, f.file_size)
         self._fresh_id_pending = True
         for l1_index, _off, l2 in f.l2_tables():

@@ -201,3 +201,20 @@ def _autoclear(path: Path) -> int:
     with open(path, "rb") as f:
         f.seek(88)
         return struct.unpack(">Q", f.read(8))[0]
+
+
+def test_the_first_flush_after_opening_syncs(tmp_path: Path, opened, monkeypatch) -> None:
+    """What a killed server acknowledged is in the page cache only; the
+    restarted server's first flush must make it durable although it has
+    written nothing itself."""
+    image = tmp_path / "a.qcow2"
+    qemu_img.create(image, size=MiB)
+    d = opened(image)
+    synced: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    d.flush()
+    assert synced
+    synced.clear()
+    d.flush()                                   # nothing new since: no sync needed
+    assert not synced
