@@ -69,21 +69,29 @@ def _in_place(e: int) -> bool:
     return bool(e & COPIED and e & OFFSET_MASK and not e & (COMPRESSED | ZERO_FLAG))
 
 
+def chain_map(layers: list[Qcow2File | RawFile], top: TopImage | None) -> ClusterMap:
+    """The map of a chain (top first) as it is on disk, at the top's size;
+    a writable top's L2 tables are those it holds in memory."""
+    if top is not None:
+        top.f.file_size = os.fstat(top.fd).st_size      # it grew since it opened
+    sizes = [f.cluster_size for f in layers if f.cluster_size]
+    cmap = ClusterMap(layers[0].size, min(sizes) if sizes else 65536, layers[0].path)
+    for j in range(len(layers) - 1):
+        cmap.apply_layer(j, layers[-1 - j])
+    cmap.freeze_backing()
+    tables = None if top is None else [(i, 0, l2) for i, l2 in top.l2.items()]
+    cmap.apply_layer(len(layers) - 1, layers[0], tables)
+    return cmap
+
+
 class Disk:
     def __init__(self, layers: list[Qcow2File | RawFile], readonly: bool) -> None:
         self.readonly = readonly
-        size = layers[0].size
-        sizes = [f.cluster_size for f in layers if f.cluster_size]
-        cmap = ClusterMap(size, min(sizes) if sizes else 65536, layers[0].path)
-        for j in range(len(layers) - 1):
-            cmap.apply_layer(j, layers[-1 - j])
-        cmap.freeze_backing()
         top: TopImage | None = None
         if not readonly:
             assert isinstance(layers[0], Qcow2File)
             top = TopImage(layers[0])
-        tables = None if top is None else [(i, 0, l2) for i, l2 in top.l2.items()]
-        cmap.apply_layer(len(layers) - 1, layers[0], tables)
+        cmap = chain_map(layers, top)
         self.lock = threading.RLock()
         # reads running outside the disk lock (concurrent_reads): counted under
         # their own lock, so that a drain can wait for them while it keeps the
@@ -354,7 +362,10 @@ class Disk:
         count = run - c
         gstart, gend = c * cs, min(run * cs, self.size)
         lo, hi = max(offset, gstart), min(offset + len(mv), gend)
-        if lo == gstart and hi == gend:     # whole clusters: nothing to copy on write
+        # whole clusters: nothing to copy on write. A last cluster the disk's
+        # end cuts short is not whole: its tail is written as zeros, or a
+        # reused cluster would show what it held once the disk grows.
+        if lo == gstart and hi == run * cs:
             bv = mv[lo - offset:hi - offset]
         else:
             bv = memoryview(bytearray(count * cs))
@@ -402,9 +413,9 @@ class Disk:
                 p.pieces.append((lo, hi - lo, host + lo - c * cs))
             else:
                 run = self._new_run(top, c, last)
-                gstart, gend = c * cs, min(run * cs, self.size)
-                if offset > gstart or end < gend:
-                    self.unplace(p)
+                gstart, gend = c * cs, run * cs
+                if offset > gstart or end < gend:     # (the tail past the disk's
+                    self.unplace(p)                   # end too: written as zeros)
                     return None
                 host = top.refcounts.allocate(run - c)
                 p.new.append((c, run - c, host))

@@ -6,14 +6,18 @@ pointed at it in one 12-byte write (l1_size at 36, l1_table_offset at 40),
 and only then are the old table's clusters freed; then the size field
 (offset 24) changes. Every step is synced: a crash leaves the old size or
 the new one, with at most leaked clusters, as ``qemu-img check`` sees it.
+What the grown part would show besides zeros (the tail of the last cluster,
+a longer backing file's data) is zeroed first, as QEMU does.
 
 Shrinking: only down to where the disk holds data (the guest view from the
 new end on reads zeros in every layer: no layer's data is cut away). The
 size field changes; the L1 table stays (it may map more than the size).
 
 The backing files keep their sizes: past a backing file's end the disk
-reads zeros, as QEMU reads it. NBD has no size-change notice: a client sees
-the new size when it connects again.
+reads zeros, as QEMU reads it; where a backing file is longer than the
+old size, the grown part is zeroed in the top, so it does not show through.
+NBD has no size-change notice: a client sees the new size when it connects
+again.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from array import array
 
 from . import header as hdr
 from .create import l1_entries_for
-from .disk import Disk
+from .disk import Disk, chain_map
 from .errors import RequestError
 from .top import TopImage
 
@@ -54,12 +58,38 @@ def resize(disk: Disk, size: int) -> int:
         top.flush()                     # metadata on disk as memory has it, first
         if size > old:
             _grow_l1(top, size)
+            _hide_past_old_end(disk, top, old, size)
         hdr.write_u64(top.fd, OFF_SIZE, size)
         os.fdatasync(top.fd)
         top.f.header.size = top.f.size = size
         disk.map.resize(size)
         disk.set_chain(disk.layers, disk.map, top)
         return old
+
+
+def _hide_past_old_end(disk: Disk, top: TopImage, old: int, size: int) -> None:
+    """Make [old, size) read zeros for every reader of the grown image, as
+    QEMU does: the tail of the top's last cluster past the old end may hold
+    bytes, and a backing file longer than the old size would show its data
+    there. Zeros (zero flags, or written zeros on v2) go in under the new size
+    in memory and are synced before the size field changes: a crash before
+    leaves the old size, with entries past it that nobody reads."""
+    cs = top.cs
+    end = min(size, -(-old // cs) * cs)
+    if len(disk.layers) > 1:
+        end = max(end, min(size, disk.layers[1].size))
+    if end <= old:
+        return
+    layers = disk.layers
+    top.f.header.size = top.f.size = size
+    disk.set_chain(layers, chain_map(layers, top), top)    # what a reopen would read
+    try:
+        disk.zero(end - old, old)
+        top.flush()
+    except BaseException:
+        top.f.header.size = top.f.size = old
+        disk.set_chain(layers, chain_map(layers, top), top)
+        raise
 
 
 def _check_shrink(disk: Disk, size: int) -> None:

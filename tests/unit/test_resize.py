@@ -8,6 +8,7 @@ the data and no further.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,51 @@ def test_sizes_refused(tmp_path: Path, opened) -> None:
         with pytest.raises(ImageError, match=reason):
             resize(disk, size)
     assert disk.size == MiB
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+@pytest.mark.parametrize("cluster", [512, 65536])
+@pytest.mark.parametrize("last", ["backing", "written", "compressed"])
+def test_grow_over_a_longer_backing_reads_zeros_when_reopened(
+        tmp_path: Path, opened, compat: str, cluster: int, last: str) -> None:
+    """QEMU zero-writes what a grow would otherwise show: a longer backing
+    file's data and the tail of the top's last cluster past the old end."""
+    base = tmp_path / "base.qcow2"
+    qemu_img.create(base, size=3 * MiB)
+    qemu_io.run(base, "write -P 0x11 0 3M")
+    top = tmp_path / "top.qcow2"
+    old = MiB + 1536                    # the last cluster (64 KiB) is cut short
+    qemu_img.create(top, size=old, backing="base.qcow2", backing_fmt="qcow2",
+                    options={"cluster_size": cluster, "compat": compat})
+    if last == "written":
+        qemu_io.run(top, f"write -P 0x22 {MiB} 1536")
+    elif last == "compressed":
+        qemu_io.run(top, f"write -c -P 0x33 {MiB - MiB % cluster if cluster > 1536 else MiB} "
+                    f"{min(cluster, old - MiB)}")
+    oracle = bytearray(raw_view(top, tmp_path))
+    disk = opened(top)
+    resize(disk, 4 * MiB)
+    oracle.extend(bytes(4 * MiB - old))
+    assert disk.read(disk.size, 0) == oracle            # what this process reads
+    disk.close()
+    assert_matches_oracle(top, oracle, tmp_path)        # what QEMU reads
+    again = opened(top)
+    assert again.read(again.size, 0) == oracle          # what a restarted worker reads
+
+
+def test_a_write_at_a_short_end_writes_the_rest_of_its_cluster_as_zeros(
+        tmp_path: Path, opened) -> None:
+    """A cluster freed and used again for the last, cut-short cluster keeps
+    none of what it held past the disk's end."""
+    cs = 65536
+    top = tmp_path / "top.qcow2"
+    qemu_img.create(top, size=16 * cs + 512)
+    disk = opened(top)
+    disk.write(b"\xaa" * 16 * cs, 0)
+    disk.flush()
+    disk.trim(16 * cs, 0)
+    disk.flush()                                        # the 16 clusters are free
+    disk.write(b"\xbb" * 512, 16 * cs)                  # reaches the end
+    disk.flush()
+    host = disk.top.entry(16) & ((1 << 56) - 1)
+    assert os.pread(disk.top.fd, cs, host) == b"\xbb" * 512 + bytes(cs - 512)
