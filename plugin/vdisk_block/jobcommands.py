@@ -73,11 +73,15 @@ class JobCommands:
                                            f"{row['disk']!r}, not finished): resume or "
                                            "cancel it first")
             collapse = index + 1 if new_path else index
-            self._check_consolidation(d, index, new_path)
-            job_id = self.catalog.add_job(
-                disk, "consolidate", target=self.catalog.relpath(new_path or d.layers[index].path),
-                new_image=int(bool(new_path)), collapse=collapse,
-                top_before=self.catalog.relpath(d.path), owner=self.token)
+            # under the images lock: no linked clone of the image it writes
+            # is made between the check and the journal naming the job
+            with usage.images_lock(self.dir, f"consolidate {disk}"):
+                self._check_consolidation(d, index, new_path)
+                job_id = self.catalog.add_job(
+                    disk, "consolidate",
+                    target=self.catalog.relpath(new_path or d.layers[index].path),
+                    new_image=int(bool(new_path)), collapse=collapse,
+                    top_before=self.catalog.relpath(d.path), owner=self.token)
             return {"job": self._start(job_id, d, collapse, new_path, pivot)}
 
     def _check_consolidation(self, d: Disk, index: int, new_path: str | None) -> None:
@@ -249,14 +253,16 @@ class JobCommands:
         new_path = self.catalog.abspath(row["target"]) if row["new_image"] else None
         # what was checked when the job started may have changed since it died
         # (a clone of its target, a named snapshot): checked again
-        self._check_consolidation(d, row["collapse"] - 1 if new_path else row["collapse"],
-                                  new_path)
+        index = row["collapse"] - 1 if new_path else row["collapse"]
+        self._check_consolidation(d, index, new_path)
         if new_path and os.path.exists(new_path):   # a half-written image of the dead run
             if not usage.delete(self.catalog, [new_path]):
                 raise RequestError(self.dir, f"{row['target']} cannot be removed (a disk or "
                                    "snapshot uses it now, or a broken chain may): job "
                                    f"{id} cannot run again; cancel it")
-        self.catalog.update_job(id, state="copying", error=None, owner=self.token)
+        with usage.images_lock(self.dir, f"resume job {id}"):     # (as in consolidate)
+            self._check_consolidation(d, index, new_path)
+            self.catalog.update_job(id, state="copying", error=None, owner=self.token)
         return {"job": self._start(id, d, row["collapse"], new_path, True)}
 
     def query_jobs(self, disk: str | None = None, id: int | None = None) -> dict[str, Any]:  # noqa: A002

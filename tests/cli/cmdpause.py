@@ -12,6 +12,8 @@ else of the command changes. Points:
     consolidate-start  an offline consolidation journalled, its target not made yet
     pivoted            a consolidation's pivot recorded, what it dropped not deleted
     backup-copy        a backup, snapshot taken and journalled, before the copy
+    clone-add          a linked clone made, its backing image closed, the catalog
+                       not yet naming it (the images lock held)
 """
 
 from __future__ import annotations
@@ -74,6 +76,16 @@ def main() -> int:
             return run(args, **kwargs)
 
         qemu_img.run = held_run                  # type: ignore[assignment]
+    elif point == "clone-add":
+        from vdisk_block.catalog import Catalog
+
+        add_disk = Catalog.add_disk
+
+        def held_add(self: Catalog, *args: Any, **kwargs: Any) -> Any:
+            hold()
+            return add_disk(self, *args, **kwargs)
+
+        Catalog.add_disk = held_add              # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown point {point!r}")
     return vdisk_main(argv)

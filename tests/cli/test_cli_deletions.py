@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import subprocess
+import time
 from pathlib import Path
 
-from cliharness import Datastore
+from cliharness import CLI, Datastore
 from test_cli_owners import Held
 
 from vdisk import qemu_img
@@ -106,3 +108,34 @@ def test_a_layer_vdisk_refuses_still_counts_for_the_images_below(
     out = ds.json("disk", "remove", "a")
     assert frozen in out["kept"], out
     assert (ds.path / frozen).exists(), "b's base was deleted through its refused layer"
+
+
+def test_a_consolidation_into_an_image_waits_for_a_clone_of_it_and_is_refused(
+        datastore: Datastore, tmp_path: Path) -> None:
+    ds = datastore
+    _disk_with_delta(ds, "a")
+    frozen = ds.disk("a")["chain"][1]
+    held = Held(tmp_path, "clone-add", "disk", "create", "b", "--backing", frozen,
+                "-d", ds.path)
+    try:
+        held.wait_held()                # b's image made on frozen, b not named yet
+        merge = subprocess.Popen([*CLI, "consolidate", "a", "-d", str(ds.path)],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            assert merge.poll() is None         # waits for the images lock
+            assert held.finish().returncode == 0
+            out, err = merge.communicate(timeout=60)
+        finally:
+            if merge.poll() is None:
+                merge.kill()
+                merge.wait(30)
+    finally:
+        held.kill()
+    assert merge.returncode == 1 and "also used by disk 'b'" in err, err
+    assert ds.disk("b")["chain"][1] == frozen
+    qemu_img.check(ds.top("b"))
+    view = tmp_path / "b.raw"
+    qemu_img.convert(ds.top("b"), view, "raw")
+    assert view.read_bytes()[:2 << 20] == b"\x11" * (2 << 20)   # the snapshot, unmerged
