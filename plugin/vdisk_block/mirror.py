@@ -107,12 +107,6 @@ class MirrorJob(CopyPass):
         if not 1 <= collapse <= len(disk.layers) - (0 if new_path else 1):
             raise RequestError(disk.path, f"cannot collapse {collapse} layers of a chain "
                                f"of {len(disk.layers)}")
-        if not new_path and disk.layers[collapse].size < disk.size:
-            target = disk.layers[collapse]
-            raise RequestError(target.path, f"its virtual size ({target.size} bytes) is "
-                               f"smaller than the disk's ({disk.size} bytes): it cannot hold "
-                               "what the layers above it hold; consolidate to a new image "
-                               "instead")
         self.disk = disk
         self.collapse = collapse
         self.new_path = new_path
@@ -215,9 +209,8 @@ class MirrorJob(CopyPass):
         it, so the old host cluster is referenced by nobody once the target
         frees it at its next flush, and may be reused.
         """
-        disk, target = self.disk, self._target
-        assert target is not None and target.top is not None
-        per = target.top.cs // disk.map.g
+        disk = self.disk
+        per = disk.layers[self.collapse].cluster_size // disk.map.g     # (the target's)
         first = cluster * per
         tag = (len(disk.layers) - self.collapse) << LAYER_SHIFT
         disk.map.retarget(first, min(first + per, disk.map.nslots), tag, entry)

@@ -20,6 +20,7 @@ from .create import create_qcow2
 from .disk import Disk
 from .errors import RequestError
 from .image import Qcow2File
+from .resize import resize
 
 
 def _disk_over(top: Qcow2File, lower: list) -> Disk:
@@ -87,6 +88,17 @@ def open_target(disk: Disk, collapse: int, new_path: str | None,
         locking.lock_for_read(orig.fd, orig.path)
         raise
     orig.identity = top.f.identity
+    if top.f.size < disk.size:
+        # a layer from before the disk grew grows too; its grown part reads
+        # zeros, as the disk does there where the layers above hold nothing
+        try:
+            with disk.lock:             # it may move a cluster the served map reads
+                disk.drain_reads()
+                resize(target, disk.size)
+        except BaseException:
+            target.layers[0].close()
+            locking.lock_for_read(orig.fd, orig.path)
+            raise
     return target
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import snapshots, usage
 from .catalog import Catalog
-from .chain import open_disk
+from .chain import chain_paths, open_disk
 from .chainops import relative_backing, snapshot
 from .create import create_qcow2
 from .disk import Disk
@@ -87,15 +87,20 @@ class SnapshotCommands:
                 raise RequestError(self.dir, f"disk {self.name!r} has {self.writers} client(s) "
                                    "writing: a revert would change the disk under them; "
                                    "disconnect them first")
+            base = self.catalog.abspath(snap["image"])
+            h, ident = read_identity(base)
+            size = h.size if h is not None else d.size  # the disk as it was, its size too
+            if self.clients and size != d.size:
+                raise RequestError(self.dir, f"disk {self.name!r} has {self.clients} client(s) "
+                                   f"attached, and snapshot {name!r} has another size "
+                                   f"({size} bytes, the disk {d.size}): disconnect them first")
             if self.clients and not force:
                 raise RequestError(self.dir, f"disk {self.name!r} has {self.clients} client(s) "
                                    "attached: they would read the snapshot's data from "
                                    "their next request on; disconnect them, or use --force")
-            base = self.catalog.abspath(snap["image"])
             new_rel = self.catalog.new_image_path(self.name)
             new = self.catalog.abspath(new_rel)
-            _h, ident = read_identity(base)
-            create_qcow2(new, d.size, cluster_bits=d.layers[0].cluster_bits,
+            create_qcow2(new, size, cluster_bits=d.layers[0].cluster_bits,
                          backing=relative_backing(new, base), backing_format="qcow2",
                          parent_id=ident.content_id if ident.valid else None)
             try:
@@ -150,7 +155,10 @@ class SnapshotCommands:
                 with self.catalog.transaction() as db:
                     snapshots.restore(db, snap)
                 raise
-            dropped = [] if job else self._drop_unused([self.catalog.abspath(image)])
+            # off the chain: its image goes, and the unnamed layers below it
+            # that only it used (delete keeps whatever anything still needs)
+            dropped = [] if job else self._drop_unused(
+                chain_paths(self.catalog.abspath(image), partial=True))
             return {"disk": self.name, "snapshot": name, "job": job, "dropped": dropped}
 
     def resize(self, disk: str, size: int, shrink: bool = False) -> dict[str, Any]:

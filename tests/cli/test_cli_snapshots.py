@@ -171,6 +171,59 @@ def test_resize(datastore: Datastore, serve: Serve, tmp_path: Path, served: bool
     assert "holds data at offset" in line and "only goes down to the data" in line
 
 
+@pytest.mark.parametrize("served", [False, True], ids=["offline", "served"])
+def test_snapshots_from_before_a_grow(datastore: Datastore, serve: Serve, tmp_path: Path,
+                                      served: bool) -> None:
+    """A revert gives the disk the snapshot's size back; deleting a snapshot
+    whose image is shorter than the disk merges into it, which grows."""
+    ds = datastore
+    ds.create("a", "8M")
+    uri = serve(ds).uri("a") if served else None
+    model = Model(ds, "a")
+    model.write(uri)
+    ds.vdisk("snapshot", "a", "--name", "small")
+    at_small = bytes(model.data)
+    ds.json("disk", "resize", "a", "12M")
+    model.data.extend(bytes(4 * MiB))
+    model.write(uri)
+    ds.vdisk("snapshot", "a", "--name", "grown")
+    at_grown = bytes(model.data)
+    ds.json("snapshot", "revert", "a", "small")
+    model.data[:] = at_small
+    assert ds.disk("a")["size"] == 8 * MiB
+    model.check(tmp_path, uri)
+    ds.json("snapshot", "revert", "a", "grown")
+    model.data[:] = at_grown
+    model.check(tmp_path, uri)
+    model.write(uri)
+    deleted = ds.json("snapshot", "delete", "a", "grown")      # into an image of 12M
+    assert deleted["job"]["state"] == "done"
+    deleted = ds.json("snapshot", "delete", "a", "small")      # into one of 8M: it grows
+    assert deleted["job"]["state"] == "done"
+    assert len(ds.disk("a")["chain"]) == 1 and ds.disk("a")["size"] == 12 * MiB
+    model.check(tmp_path, uri)
+
+
+def test_deleting_an_off_chain_snapshot_takes_the_unnamed_layers_only_it_used(
+        datastore: Datastore, tmp_path: Path) -> None:
+    ds = datastore
+    ds.create("a", "8M")
+    model = Model(ds, "a")
+    model.write()
+    ds.vdisk("snapshot", "a", "--name", "s1")
+    at_s1 = bytes(model.data)
+    model.write()
+    unnamed = ds.json("snapshot", "a")["frozen"]
+    model.write()
+    s2 = ds.json("snapshot", "a", "--name", "s2")["frozen"]
+    ds.json("snapshot", "revert", "a", "s1")        # s2 -> unnamed -> s1's image, off the chain
+    gone = ds.json("snapshot", "delete", "a", "s2")
+    assert sorted(gone["dropped"]) == sorted([s2, unnamed])
+    assert ds.images() == sorted(Path(p).name for p in ds.disk("a")["chain"])   # no orphan
+    model.data[:] = at_s1
+    model.check(tmp_path)
+
+
 def test_rename_offline_and_served(datastore: Datastore, serve: Serve, tmp_path: Path) -> None:
     ds = datastore
     ds.create("a", "8M")

@@ -231,3 +231,38 @@ def test_concurrent_writer_thread(chain, tmp_path: Path) -> None:
     assert disk.read(disk.size, 0) == guest.oracle
     disk.close()
     assert_matches_oracle(tmp_path / "base.qcow2", guest.oracle, tmp_path)
+
+
+@pytest.mark.parametrize("cluster", [4096, 65536])
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+@pytest.mark.parametrize("last", ["written", "compressed"])
+def test_a_target_from_before_the_disk_grew_grows_with_it(
+        tmp_path: Path, opened, cluster: int, compat: str, last: str) -> None:
+    """A layer made before a grow is shorter than the disk; consolidating into
+    it grows it, and the part its own (longer) backing file would show through
+    reads zeros, as the disk read it."""
+    lowest = tmp_path / "lowest.qcow2"
+    qemu_img.create(lowest, size=6 * MiB, options={"cluster_size": 65536})
+    qemu_io.run(lowest, "write -P 0x31 0 6M")
+    target = tmp_path / "target.qcow2"
+    short = 2 * MiB + 1536
+    qemu_img.create(target, size=short, options={"cluster_size": cluster, "compat": compat})
+    qemu_io.run(target, f"write -P 0x32 {MiB} {MiB}",      # a compressed last cluster
+                f"write {'-c ' if last == 'compressed' else ''}-P 0x36 {2 * MiB} 1536")
+    qemu_img.run(["rebase", "-u", "-b", "lowest.qcow2", "-F", "qcow2", str(target)])
+    top = tmp_path / "top.qcow2"
+    qemu_img.create(top, size=8 * MiB, backing="target.qcow2", backing_fmt="qcow2",
+                    options={"compat": compat})
+    qemu_io.run(top, "write -P 0x33 512k 64k", "write -P 0x34 5M 1M")
+    oracle = bytearray(raw_view(top, tmp_path))
+    assert oracle[3 * MiB] == 0 and oracle[5 * MiB] == 0x34
+    disk = opened(top)
+    job = MirrorJob(disk, 1).start()
+    assert job.wait((State.READY,), 30) is State.READY
+    disk.write(b"\x35" * 8192, 7 * MiB)                 # mirrored past the old end
+    oracle[7 * MiB:7 * MiB + 8192] = b"\x35" * 8192
+    job.complete()
+    assert disk.read(disk.size, 0) == oracle
+    disk.close()
+    assert qemu_img.info(target)["virtual-size"] == 8 * MiB
+    assert_matches_oracle(target, oracle, tmp_path)
