@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from .chainops import Persist, adopt
-from .chunkcopy import InFlight
+from .chunkcopy import Chunk, InFlight
 from .clustermap import LAYER_SHIFT
 from .copyset import layer_ranges, merged
 from .disk import Disk
@@ -125,6 +125,7 @@ class MirrorJob(CopyPass):
         self._announcing = threading.Lock()
         self._t0 = time.monotonic()
         self._target: Disk | None = None
+        self._chunk: Chunk | None = None
         self._copy_set: list[tuple[int, int]] = []
         self._thread: threading.Thread | None = None
         self._starting = threading.Lock()   # cancel() waits for a start in progress
@@ -321,6 +322,9 @@ class MirrorJob(CopyPass):
         if target is None:
             return
         self._in_flight.drain()
+        if self._chunk is not None:     # moved or not, the target will not link it: its
+            target.unplace(self._chunk.dst)     # clusters go back before the flush
+            self._chunk = None
         release_target(disk, self.collapse, self.new_path, target)
         self._target = None
 

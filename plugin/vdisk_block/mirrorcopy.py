@@ -34,6 +34,7 @@ class CopyPass:
     stats: Stats
     chunk: int
     _target: Disk | None
+    _chunk: Chunk | None                # claimed, not settled yet
     _copy_set: list[tuple[int, int]]
     _in_flight: InFlight
     _align: int
@@ -103,7 +104,8 @@ class CopyPass:
             if src is not None and dst is not None:
                 al = self._align
                 self._in_flight.claim(off - off % al, -(-(off + n) // al) * al)
-                return Chunk(off, n, src, dst)
+                self._chunk = Chunk(off, n, src, dst)
+                return self._chunk
             buf = bytearray(n)
             disk._read(memoryview(buf), off)
             target.write(buf, off)
@@ -114,7 +116,9 @@ class CopyPass:
         """Under the disk lock, the data moved (or not): the target takes the
         clusters it allocated for it, and guest changes of the range go on."""
         target = self._target
-        if target is not None:          # else cancelled or failed meanwhile
+        self._chunk = None
+        if target is not None:          # else cancelled or failed meanwhile (and the
+                                        # release gave back what the chunk had placed)
             if error is None:
                 target.link(c.dst)
                 self.stats.bytes_copied += c.length

@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,39 @@ def test_a_target_from_before_the_disk_grew_grows_with_it(
     disk.close()
     assert qemu_img.info(target)["virtual-size"] == 8 * MiB
     assert_matches_oracle(target, oracle, tmp_path)
+
+
+def test_cancel_with_a_chunk_in_flight_leaks_nothing_in_the_target(
+        tmp_path: Path, opened, monkeypatch) -> None:
+    """The target (a backing image that stays in the chain) gets back the
+    clusters placed for a chunk whose copy the cancel overtook."""
+    import vdisk_block.mirrorcopy as mirrorcopy
+
+    base = tmp_path / "base.qcow2"
+    qemu_img.create(base, size=16 * MiB)
+    top = tmp_path / "top.qcow2"
+    qemu_img.create(top, backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io.run(top, "write -P 0x7c 0 8M")
+    oracle = raw_view(top, tmp_path)
+    disk = opened(top)
+    moving, go = threading.Event(), threading.Event()
+    transfer = mirrorcopy.transfer
+
+    def held(c, zeros):
+        moving.set()
+        go.wait(10)
+        return transfer(c, zeros)
+
+    monkeypatch.setattr(mirrorcopy, "transfer", held)
+    job = MirrorJob(disk, 1, chunk=4 * MiB).start()
+    assert moving.wait(10)
+    cancel = threading.Thread(target=job.cancel)
+    cancel.start()
+    time.sleep(0.2)                 # the cancel waits for the chunk's copy
+    go.set()
+    cancel.join(10)
+    assert job.state is State.CANCELLED
+    assert disk.read(disk.size, 0) == oracle
+    disk.close()
+    qemu_img.check_clean(base, allow_leaks=False)
+    assert_matches_oracle(top, oracle, tmp_path)
