@@ -65,6 +65,10 @@ class ControlProtocolError(Error):
         self.reason = reason
 
 
+class ControlTimeout(ControlProtocolError):
+    """The server did not answer in time: it may still be running the command."""
+
+
 # --- the client --------------------------------------------------------------------
 
 
@@ -133,7 +137,7 @@ class ControlClient:
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ControlProtocolError(self.path, f"no answer ({what}) in time")
+                raise ControlTimeout(self.path, f"no answer ({what}) in time")
             self._sock.settimeout(remaining)
             try:
                 chunk = self._sock.recv(65536)

@@ -35,6 +35,7 @@ from .control import (
     ControlClient,
     ControlError,
     ControlProtocolError,
+    ControlTimeout,
     ControlUnavailable,
     Service,
 )
@@ -112,6 +113,10 @@ class DatastoreClient:
             if not self.served:
                 raise
             self._disks.pop(name).close()
+            if isinstance(e, ControlTimeout):
+                raise NotServed(f"disk {name!r}: its worker did not answer {command} in "
+                                f"time ({e}); it may still be running it: see 'vdisk disk "
+                                f"info {name}' and 'vdisk job list'") from None
             if command not in RETRYABLE:
                 raise NotServed(f"disk {name!r}: its worker stopped during {command} ({e}); "
                                 "a job it ran is interrupted ('vdisk job list')") from None

@@ -264,3 +264,28 @@ def test_a_killed_supervisor_takes_its_workers_along_and_a_new_one_serves(
     assert again.worker_pid("a") != worker
     with connect(again.uri("a")) as h2:
         assert h2.pread(MiB, 0) == b"\x09" * MiB
+
+
+def test_a_worker_that_does_not_answer_in_time_is_not_called_stopped(
+        datastore: Datastore, serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vdisk.control import ControlClient
+    from vdisk.errors import Error
+    from vdisk.routing import open_service
+
+    datastore.create("a", "4M")
+    served = serve(datastore)
+    pid = served.worker_pid("a")
+    connect_worker = ControlClient.connect.__func__          # type: ignore[attr-defined]
+    monkeypatch.setattr(ControlClient, "connect", classmethod(
+        lambda cls, path, **kw: connect_worker(cls, path, **{**kw, "command_timeout": 1.0})))
+    with open_service(datastore.path) as service:
+        assert service.execute("query-disk", {"disk": "a"})["name"] == "a"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(Error) as e:
+                service.execute("query-disk", {"disk": "a"})
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert "did not answer query-disk in time" in str(e.value)
+    assert "may still be running it" in str(e.value)
+    assert served.worker_pid("a") == pid                      # nobody restarted it
