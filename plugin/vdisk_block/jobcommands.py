@@ -176,11 +176,13 @@ class JobCommands:
         row = self._row(id)
         if row["kind"] != "backup":
             raise RequestError(self.dir, f"job {id} is a {row['kind']}, not a backup")
-        if row["state"] != "copying":
-            raise RequestError(self.dir, f"job {id} is {row['state']}")
+        state = "failed" if error else "done"
         if row["owner"] != owner:
             raise RequestError(self.dir, f"job {id} belongs to another process")
-        state = "failed" if error else "done"
+        if row["state"] == state and (row["error"] or None) == (error or None):
+            return {"job": self._info(row)}     # (a retry, after the worker restarted)
+        if row["state"] != "copying":
+            raise RequestError(self.dir, f"job {id} is {row['state']}")
         self.catalog.update_job(id, state=state, error=error,
                                 stats={"bytes": bytes} if bytes is not None else {})
         self._announce(id, state)

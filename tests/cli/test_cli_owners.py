@@ -243,3 +243,28 @@ def test_sigterm_during_a_backups_merge_back_says_how_to_merge(datastore: Datast
     qemu_img.convert(ds.top("a"), view, "raw")
     assert view.read_bytes() == expected
     qemu_img.check(ds.top("a"))
+
+
+def test_backup_end_sent_again_is_answered_as_before(datastore: Datastore,
+                                                     tmp_path: Path) -> None:
+    """backup-end is retried when the worker restarts during it: the second
+    one, the same, returns the job; a different one is refused."""
+    import pytest
+
+    from vdisk.routing import open_service
+    from vdisk_block.errors import RequestError
+    from vdisk_block.owner import Owner
+
+    ds = datastore
+    ds.create("a", "8M")
+    with open_service(ds.path) as svc, Owner(str(ds.path), "a test's backup") as me:
+        begun = svc.execute("backup-begin", {"disk": "a", "owner": me.token,
+                                             "output": str(tmp_path / "a.qcow2")})
+        end = {"id": begun["job"]["id"], "owner": me.token, "bytes": 4096}
+        first = svc.execute("backup-end", end)["job"]
+        assert first["state"] == "done"
+        assert svc.execute("backup-end", end)["job"] == first
+        with pytest.raises(RequestError, match="is done"):
+            svc.execute("backup-end", {**end, "error": "interrupted"})
+        with pytest.raises(RequestError, match="another process"):
+            svc.execute("backup-end", {**end, "owner": "someone-else"})
