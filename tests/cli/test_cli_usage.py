@@ -13,6 +13,7 @@ import sys
 import threading
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cliharness import REPO, Datastore, run_vdisk
@@ -217,16 +218,19 @@ def test_json_failure_of_a_job_reports_the_job(datastore: Datastore,
                                                capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A job that fails: one object, the error with the job as it ended."""
+    from vdisk_block import mirrorcopy
     from vdisk_block.disk import Disk
 
     datastore.create("vm1", "4M")
     datastore.vdisk("snapshot", "vm1")
     qemu_io.run(datastore.top("vm1"), "write -P 7 0 1M")
 
-    def broken_read(self: Disk, buf: memoryview, offset: int) -> None:
+    def broken_read(*_args: Any) -> None:
         raise OSError(errno.EIO, "injected read error")
 
+    # both ways the copy pass reads: under the disk lock, and outside it
     monkeypatch.setattr(Disk, "_read", broken_read)
+    monkeypatch.setattr(mirrorcopy, "transfer", broken_read)
     codes: list[int] = []
     # in a thread: main() installs its SIGTERM handler only in the main thread
     thread = threading.Thread(target=lambda: codes.append(

@@ -22,7 +22,7 @@ import pytest
 from jobcheck import verify_view
 from jobshapes import LayerSpec, ShapeSpec, build
 
-from vdisk_block import ImageError, mirror, open_disk
+from vdisk_block import ImageError, mirrorcopy, open_disk
 from vdisk_block.mirror import MirrorJob, State
 
 pytestmark = pytest.mark.differential
@@ -95,8 +95,9 @@ def _compressed_pair(img: Path) -> bytes:
 
 
 class _SyncingOs:
-    """The os module as mirror.py sees it, but the copy thread's fdatasync keeps
-    the file in use (as the system call does) until the test lets it finish."""
+    """The os module as the copy pass (mirrorcopy.py) sees it, but the copy
+    thread's fdatasync keeps the file in use (as the system call does) until
+    the test lets it finish."""
 
     def __init__(self) -> None:
         self.syncing = threading.Event()
@@ -124,7 +125,7 @@ def test_cancel_while_the_copy_syncs_the_target(tmp_path: Path,
                                v3(64 * KiB, 2 * MiB, ("data", 256 * KiB, 512 * KiB, 2))))
     built = build(spec, tmp_path)
     slow = _SyncingOs()
-    monkeypatch.setattr(mirror, "os", slow)
+    monkeypatch.setattr(mirrorcopy, "os", slow)
     disk = open_disk(str(built.top))
     try:
         job = MirrorJob(disk, 1).start()
