@@ -36,6 +36,15 @@ class Datastore:
     tops: dict[str, Path]               # clone name -> its top image (absolute)
     size: int                           # virtual size of every disk
     pristine: Path                      # directory of the empty tops as created
+    raw: Path | None = None             # the base's contents as a raw file, if made
+
+    def make_raw(self) -> Path:
+        """The guest-visible contents of every clone (its top is empty): the base, raw."""
+        if self.raw is None:
+            self.raw = self.dir.parent / f"{self.dir.name}-base.raw"
+            images.qemu_img("convert", "-q", "-f", "qcow2", "-O", "raw", str(self.base),
+                            str(self.raw))
+        return self.raw
 
     def pick(self, n: int) -> dict[str, Path]:
         """The first ``n`` clones."""
@@ -53,8 +62,8 @@ class Datastore:
             os.replace(tmp, top)
 
     def warm(self, names: list[str]) -> None:
-        """Read the base and these tops once, so the page cache holds them."""
-        for path in [self.base, *(self.tops[n] for n in names)]:
+        """Read the base, these tops and the raw file once, so the page cache holds them."""
+        for path in [self.base, *(self.tops[n] for n in names), *filter(None, [self.raw])]:
             fd = os.open(path, os.O_RDONLY)
             try:
                 while os.read(fd, 8 * MiB):

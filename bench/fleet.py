@@ -7,6 +7,9 @@
   the disk's top (its chain: the clone's top over the shared frozen base).
 - ``nbdkit``: one ``nbdkit -f -U SOCK python plugin/vdisk_nbdkit.py image=TOP``
   per disk: the plugin alone, without the supervisor.
+- ``py-floor``: one ``nbdkit -r -U SOCK python bench/floor_plugin.py file=RAW`` per
+  disk on the raw equivalent of a clone (the base's contents): one ``os.preadv``
+  per read, the most any nbdkit Python plugin reads here (reads only);
 - ``shared``: one ``nbdkit -U SOCK python OLD/plugin/vdisk_nbdkit.py datastore=DIR``
   serving every disk, the plugin of a commit before the workers (``git archive``
   of that commit's plugin/): one process and one interpreter for all disks.
@@ -32,7 +35,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from replicate_contenders import vdisk_command
-from servers import PLUGIN, ServerError, wait_for_socket
+from servers import FLOOR_PLUGIN, PLUGIN, ServerError, wait_for_socket
 
 from vdisk import process
 from vdisk.process import ProcessOwner
@@ -42,12 +45,15 @@ log = logging.getLogger(__name__)
 VDISK_SERVE = "vdisk-serve"
 QEMU_NBD = "qemu-nbd"
 NBDKIT = "nbdkit"
+PY_FLOOR = "py-floor"
 SHARED = "shared"
-SERVERS = (VDISK_SERVE, QEMU_NBD, NBDKIT, SHARED)
+SERVERS = (VDISK_SERVE, QEMU_NBD, NBDKIT, PY_FLOOR, SHARED)
+READ_ONLY = (PY_FLOOR,)
 DESCRIPTION = {
     VDISK_SERVE: "vdisk serve (a worker per disk)",
     QEMU_NBD: "qemu-nbd (a process per disk)",
     NBDKIT: "nbdkit image= (a process per disk)",
+    PY_FLOOR: "nbdkit python os.preadv of the raw base (a process per disk)",
     SHARED: "one nbdkit for all disks (before workers)",
 }
 STOP_TIMEOUT_S = 30.0
@@ -170,8 +176,9 @@ class VdiskServe(ProcessOwner):
 
 @contextmanager
 def serve(kind: str, datastore: Path, tops: dict[str, Path], workdir: Path,
-          old_plugin: Path | None = None) -> Iterator[Served]:
-    """Serve the disks ``tops`` (name -> top image) of ``datastore`` the ``kind`` way."""
+          old_plugin: Path | None = None, raw: Path | None = None) -> Iterator[Served]:
+    """Serve the disks ``tops`` (name -> top image) of ``datastore`` the ``kind`` way
+    (``py-floor``: every disk the raw file ``raw``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     nbdkit = os.environ.get("NBDKIT", "nbdkit")
     if kind == VDISK_SERVE:
@@ -205,6 +212,11 @@ def serve(kind: str, datastore: Path, tops: dict[str, Path], workdir: Path,
         elif kind == NBDKIT:
             argv = [nbdkit, "-f", "--exit-with-parent", "-U", str(sock), "python", str(PLUGIN),
                     f"image={top}"]
+        elif kind == PY_FLOOR:
+            if raw is None:
+                raise ServerError(kind, "no raw equivalent of the disks")
+            argv = [nbdkit, "-f", "--exit-with-parent", "-U", str(sock), "-r", "python",
+                    str(FLOOR_PLUGIN), f"file={raw}"]
         else:
             raise ValueError(f"unknown server {kind!r}")
         procs.append(Proc(f"{kind} {disk}", argv, sock, workdir / f"{disk}.log"))

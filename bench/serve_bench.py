@@ -66,13 +66,28 @@ def measure_multi(ds: clones.Datastore, kind: str, n: int, tag: str, args: argpa
     ds.reset(list(tops))
     ds.warm(list(tops))
     wall = args.runtime + args.ramp
-    with fleet.serve(kind, ds.dir, tops, workdir / "servers", args.old_plugin) as srv:
+    with fleet.serve(kind, ds.dir, tops, workdir / "servers", args.old_plugin,
+                     ds.raw) as srv:
         reads = [fio.random_reads(d, srv.uris[d], ds.size, bs=4096, qd=args.read_qd,
                                   runtime=args.runtime, ramp=args.ramp, seed=args.seed + k)
                  for k, d in enumerate(tops)]
         cpu0, t0 = fleet.cpu_seconds(srv.pids), time.perf_counter()
         got = fio.run(reads, workdir, f"{tag}-read", timeout=wall + 60 + 5 * n)
         read_cpu, read_wall = fleet.cpu_seconds(srv.pids) - cpu0, time.perf_counter() - t0
+        startup = srv.startup_s
+        read_iops = sum(r.read.iops for r in got.values())
+        values = {
+            "read_iops": read_iops,
+            "read_mib_s": sum(r.read.mib_s for r in got.values()),
+            "read_min_disk_iops": min(r.read.iops for r in got.values()),
+            "read_max_disk_iops": max(r.read.iops for r in got.values()),
+            "read_server_cores": read_cpu / read_wall,
+            "read_fio_cores": sum(r.cpu_s for r in got.values()) / args.runtime,
+            "read_server_us": read_cpu / (read_iops * wall) * 1e6 if read_iops else 0.0,
+            "startup_s": startup,
+        }
+        if kind in fleet.READ_ONLY:
+            return values, "-"
         writes = [fio.random_writes(d, srv.uris[d], ds.size, args.write_size, bs=65536,
                                     qd=args.write_qd, seed=args.seed + 100 + k)
                   for k, d in enumerate(tops)]
@@ -80,25 +95,14 @@ def measure_multi(ds: clones.Datastore, kind: str, n: int, tag: str, args: argpa
         wrote = fio.run(writes, workdir, f"{tag}-write", timeout=600)
         write_cpu = fleet.cpu_seconds(srv.pids) - cpu0
         fio.run([fio.verify(j) for j in writes], workdir, f"{tag}-verify", timeout=600)
-        startup = srv.startup_s
     check = ds.check(list(tops))
-    read_iops = sum(r.read.iops for r in got.values())
-    write_bytes = sum(r.write.bytes for r in wrote.values())
     write_s = max(r.write.runtime_s for r in wrote.values())
-    fio_cpu = sum(r.cpu_s for r in got.values())
-    return {
-        "read_iops": read_iops,
-        "read_mib_s": sum(r.read.mib_s for r in got.values()),
-        "read_min_disk_iops": min(r.read.iops for r in got.values()),
-        "read_max_disk_iops": max(r.read.iops for r in got.values()),
+    values.update({
         "write_iops": sum(r.write.ios for r in wrote.values()) / write_s,
-        "write_mib_s": write_bytes / MiB / write_s,
-        "read_server_cores": read_cpu / read_wall,
-        "read_fio_cores": fio_cpu / args.runtime,
-        "read_server_us": read_cpu / (read_iops * wall) * 1e6 if read_iops else 0.0,
+        "write_mib_s": sum(r.write.bytes for r in wrote.values()) / MiB / write_s,
         "write_server_cpu_s": write_cpu,
-        "startup_s": startup,
-    }, check
+    })
+    return values, check
 
 
 def run_multi(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> rep.Figures:
@@ -118,7 +122,8 @@ def run_multi(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> 
                 fig.add(str(n), kind, values)
                 fig.check(str(n), kind, check)
                 log.info("N=%d %-12s rep %d: read %8.0f IOPS, write %6.0f MiB/s, check %s",
-                         n, kind, r + 1, values["read_iops"], values["write_mib_s"], check)
+                         n, kind, r + 1, values["read_iops"], values.get("write_mib_s", 0.0),
+                         check)
     return fig
 
 
@@ -156,7 +161,7 @@ def measure_noisy(ds: clones.Datastore, kind: str, tag: str, args: argparse.Name
 def run_noisy(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> rep.Figures:
     fig = rep.Figures()
     for r in range(args.repeat):
-        for kind in rotated(args.servers, r):
+        for kind in rotated([s for s in args.servers if s not in fleet.READ_ONLY], r):
             if fig.failed("noisy", kind):
                 continue
             try:
@@ -274,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         if {"multi", "noisy"} & set(args.sections):
             t = time.perf_counter()
             ds = clones.build(workdir / "ds", max([*args.disks, 2]), args.base_size, args.seed)
+            if fleet.PY_FLOOR in args.servers and "multi" in args.sections:
+                ds.make_raw()
             log.info("built %d clones of a %d MiB base in %.1f s", len(ds.tops),
                      args.base_size // MiB, time.perf_counter() - t)
         for section in args.sections:

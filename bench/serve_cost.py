@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[rep.Figures, list[str]
     t = time.perf_counter()
     ds = clones.build(workdir / "ds", args.cost_disks, 64 * images.MiB, args.seed, fill=False)
     log.info("built %d clones in %.1f s", args.cost_disks, time.perf_counter() - t)
-    kinds = [k for k in fleet.SERVERS if k in args.servers]
+    kinds = [k for k in fleet.SERVERS if k in args.servers and k not in fleet.READ_ONLY]
     if fleet.VDISK_SERVE in kinds:
         kinds.insert(1, NO_PYC)
         # untimed: fill the bytecode cache the measured runs use

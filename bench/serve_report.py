@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from fleet import QEMU_NBD, SERVERS, VDISK_SERVE
 from report import Cell
 
-SHORT = {VDISK_SERVE: "serve", QEMU_NBD: "qemu", "nbdkit": "nbdkit", "shared": "shared"}
+SHORT = {VDISK_SERVE: "serve", QEMU_NBD: "qemu", "nbdkit": "nbdkit", "py-floor": "floor",
+         "shared": "shared"}
 
 
 @dataclass
@@ -106,8 +107,10 @@ MULTI_ROWS = (("4k rand read QD{rqd}", "IOPS", "read_iops"),
 def render_multi(fig: Figures, ns: list[int], servers: list[str], rqd: int, wqd: int) -> str:
     cols = order(servers)
     peers = [s for s in cols if s != QEMU_NBD]
+    floor = "py-floor" in cols and VDISK_SERVE in cols
     head = ["N", "workload", "unit", *cols,
-            *(f"{SHORT[s]}/qemu" for s in peers if QEMU_NBD in cols)]
+            *(f"{SHORT[s]}/qemu" for s in peers if QEMU_NBD in cols),
+            *(["serve/floor"] if floor else [])]
     rows = []
     for n in ns:
         for title, unit, metric in MULTI_ROWS:
@@ -116,6 +119,9 @@ def render_multi(fig: Figures, ns: list[int], servers: list[str], rqd: int, wqd:
             if QEMU_NBD in cols:
                 q = fig.median(str(n), QEMU_NBD, metric)
                 row += [fmt_ratio(ratio(fig.median(str(n), s, metric), q)) for s in peers]
+            if floor:
+                row.append(fmt_ratio(ratio(fig.median(str(n), VDISK_SERVE, metric),
+                                           fig.median(str(n), "py-floor", metric))))
             rows.append(row)
     return table(head, rows, left=3)
 
@@ -147,7 +153,7 @@ def multi_target(fig: Figures, n: int = 4, want: float = 0.9) -> tuple[str, str]
 # -- noisy neighbour ----------------------------------------------------------------------
 
 def render_noisy(fig: Figures, servers: list[str]) -> str:
-    cols = order(servers)
+    cols = [s for s in order(servers) if s != "py-floor"]
     head = ["server", "B alone IOPS", "p50 us", "p99 us", "p99.9 us", "B with A IOPS",
             "p50 us", "p99 us", "p99.9 us", "p99 with/alone", "IOPS with/alone",
             "A writes/s", "A MiB/s", "A p99 ms"]
