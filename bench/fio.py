@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,12 @@ def _direction(stats: dict[str, Any]) -> Direction:
                      lat_us=lat_us, lat_mean_us=float(lat.get("mean", 0.0)) / 1000.0)
 
 
-def run(jobs: list[Job], workdir: Path, tag: str, timeout: float) -> dict[str, JobResult]:
+def run(jobs: list[Job], workdir: Path, tag: str, timeout: float,
+        during: Callable[[int], None] | None = None) -> dict[str, JobResult]:
     """Run ``jobs`` together in one fio process; their results by job name.
-    Raises FioError if fio fails, times out, or any job reports an error."""
+    ``during(pid)`` is called with fio's pid once it runs (to sample it, or the
+    servers, while the jobs run). Raises FioError if fio fails, times out, or
+    any job reports an error."""
     workdir.mkdir(parents=True, exist_ok=True)
     jobfile = workdir / f"{tag}.fio"
     out = workdir / f"{tag}.json"
@@ -174,15 +178,23 @@ def run(jobs: list[Job], workdir: Path, tag: str, timeout: float) -> dict[str, J
     out.unlink(missing_ok=True)
     cmd = [binary(), "--output-format=json", f"--output={out}", str(jobfile)]
     log.debug("running %s", " ".join(cmd))
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                             check=False, cwd=workdir)
-    except subprocess.TimeoutExpired:
-        raise FioError(f"{tag}: no result after {timeout:.0f} s") from None
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=workdir) as proc:
+        try:
+            if during is not None:
+                during(proc.pid)
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise FioError(f"{tag}: no result after {timeout:.0f} s") from None
+        except BaseException:
+            proc.kill()
+            raise
     text = out.read_text(errors="replace") if out.exists() else ""
-    if res.returncode != 0:
-        why = (res.stderr.strip() or text.strip()).splitlines()
-        raise FioError(f"{tag}: exit {res.returncode}: {why[-1] if why else '(no output)'}")
+    if proc.returncode != 0:
+        why = (stderr.strip() or text.strip()).splitlines()
+        raise FioError(f"{tag}: exit {proc.returncode}: {why[-1] if why else '(no output)'}")
     try:
         doc = json.loads(text[text.index("{"):])
     except ValueError:

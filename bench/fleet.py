@@ -71,6 +71,7 @@ class Served:
     uris: dict[str, str]
     pids: list[int]                 # every server process (vdisk-serve: supervisor first)
     startup_s: float                # from the first exec to every disk served
+    by_disk: dict[str, int]         # the process serving each disk
     supervisor_pid: int | None = None
 
 
@@ -191,7 +192,8 @@ def serve(kind: str, datastore: Path, tops: dict[str, Path], workdir: Path,
             pids = [int(str(w["pid"])) for w in workers.values() if w["pid"]]
             assert srv.pid is not None
             yield Served({d: str(workers[d]["uri"]) for d in tops}, [srv.pid, *pids],
-                         srv.ready_s, supervisor_pid=srv.pid)
+                         srv.ready_s, {d: int(str(workers[d]["pid"])) for d in tops},
+                         supervisor_pid=srv.pid)
         return
     if kind == SHARED:
         if old_plugin is None:
@@ -201,7 +203,9 @@ def serve(kind: str, datastore: Path, tops: dict[str, Path], workdir: Path,
                              str(old_plugin), f"datastore={datastore}"], sock,
                       workdir / "shared.log")]
         with processes(procs) as startup:
-            yield Served({d: uri(d, sock, True) for d in tops}, [procs[0].pid or 0], startup)
+            pid = procs[0].pid or 0
+            yield Served({d: uri(d, sock, True) for d in tops}, [pid], startup,
+                         dict.fromkeys(tops, pid))
         return
     procs = []
     for disk, top in tops.items():
@@ -222,7 +226,8 @@ def serve(kind: str, datastore: Path, tops: dict[str, Path], workdir: Path,
         procs.append(Proc(f"{kind} {disk}", argv, sock, workdir / f"{disk}.log"))
     with processes(procs) as startup:
         yield Served({d: uri(d, p.sock, False) for d, p in zip(tops, procs, strict=True)},
-                     [p.pid or 0 for p in procs], startup)
+                     [p.pid or 0 for p in procs], startup,
+                     {d: p.pid or 0 for d, p in zip(tops, procs, strict=True)})
 
 
 # -- what a process costs -------------------------------------------------------------------
@@ -259,3 +264,53 @@ def memory_kib(pid: int) -> dict[str, int]:
     except FileNotFoundError:
         pass
     return out
+
+
+Sched = dict[tuple[int, int], tuple[int, int]]
+
+
+def schedstat(pids: list[int]) -> Sched:
+    """Per thread of these processes: (ns on a CPU, ns runnable but waiting for one),
+    from /proc/PID/task/TID/schedstat."""
+    out: Sched = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    run, wait, _ = f.read().split()
+            except (FileNotFoundError, ValueError):
+                continue
+            out[(pid, int(tid))] = (int(run), int(wait))
+    return out
+
+
+def sched_delta(before: Sched, after: Sched) -> tuple[float, float]:
+    """Seconds on a CPU and seconds waiting for one, summed over the threads seen in
+    ``after`` (a thread born meanwhile counts from its start)."""
+    run = wait = 0
+    for key, (r, w) in after.items():
+        r0, w0 = before.get(key, (0, 0))
+        run += r - r0
+        wait += w - w0
+    return run / 1e9, wait / 1e9
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (fio forks a process per job)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ValueError, IndexError):
+                continue
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [c for c, p in parent.items() if p in frontier]
+        found += frontier
+    return found

@@ -72,7 +72,9 @@ def measure_multi(ds: clones.Datastore, kind: str, n: int, tag: str, args: argpa
                                   runtime=args.runtime, ramp=args.ramp, seed=args.seed + k)
                  for k, d in enumerate(tops)]
         cpu0, t0 = fleet.cpu_seconds(srv.pids), time.perf_counter()
-        got = fio.run(reads, workdir, f"{tag}-read", timeout=wall + 60 + 5 * n)
+        sched: dict[str, float] = {}
+        got = fio.run(reads, workdir, f"{tag}-read", timeout=wall + 60 + 5 * n,
+                      during=lambda pid: sample_window(srv.pids, pid, args, sched))
         read_cpu, read_wall = fleet.cpu_seconds(srv.pids) - cpu0, time.perf_counter() - t0
         startup = srv.startup_s
         read_iops = sum(r.read.iops for r in got.values())
@@ -85,6 +87,7 @@ def measure_multi(ds: clones.Datastore, kind: str, n: int, tag: str, args: argpa
             "read_fio_cores": sum(r.cpu_s for r in got.values()) / args.runtime,
             "read_server_us": read_cpu / (read_iops * wall) * 1e6 if read_iops else 0.0,
             "startup_s": startup,
+            **sched,
         }
         if kind in fleet.READ_ONLY:
             return values, "-"
@@ -103,6 +106,22 @@ def measure_multi(ds: clones.Datastore, kind: str, n: int, tag: str, args: argpa
         "write_server_cpu_s": write_cpu,
     })
     return values, check
+
+
+def sample_window(servers: list[int], fio_pid: int, args: argparse.Namespace,
+                  out: dict[str, float]) -> None:
+    """Inside the counted part of a read run, how the servers' and fio's threads
+    shared the CPUs: cores running, and threads runnable but waiting for a CPU."""
+    time.sleep(args.ramp + 0.25 * args.runtime)
+    window = 0.5 * args.runtime
+    fio_pids = fleet.descendants(fio_pid)
+    s0, f0 = fleet.schedstat(servers), fleet.schedstat(fio_pids)
+    time.sleep(window)
+    s1, f1 = fleet.schedstat(servers), fleet.schedstat(fio_pids)
+    for who, before, after in (("server", s0, s1), ("fio", f0, f1)):
+        run, wait = fleet.sched_delta(before, after)
+        out[f"read_{who}_running"] = run / window
+        out[f"read_{who}_waiting"] = wait / window
 
 
 def run_multi(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> rep.Figures:
@@ -143,8 +162,11 @@ def measure_noisy(ds: clones.Datastore, kind: str, tag: str, args: argparse.Name
         writer = fio.timed_writes("A", srv.uris[a], ds.size, bs=65536, qd=4,
                                   runtime=args.noisy_runtime, ramp=args.ramp,
                                   seed=args.seed + 1, fsync=1)
-        alone = fio.run([reader], workdir, f"{tag}-alone", timeout=wall + 60)["B"].read
-        both = fio.run([writer, reader], workdir, f"{tag}-with", timeout=wall + 60)
+        sched: dict[str, float] = {}
+        alone = fio.run([reader], workdir, f"{tag}-alone", timeout=wall + 60,
+                        during=lambda _: sample_noisy(srv, a, b, args, "alone", sched))["B"].read
+        both = fio.run([writer, reader], workdir, f"{tag}-with", timeout=wall + 60,
+                       during=lambda _: sample_noisy(srv, a, b, args, "with", sched))
     check = ds.check([a])
     with_b, with_a = both["B"].read, both["A"].write
     out = {"alone_iops": alone.iops, "with_iops": with_b.iops,
@@ -155,7 +177,28 @@ def measure_noisy(ds: clones.Datastore, kind: str, tag: str, args: argparse.Name
         out[f"alone_p{p}"] = alone.lat_us.get(p, 0.0)
         out[f"with_p{p}"] = with_b.lat_us.get(p, 0.0)
     out["p99_ratio"] = out["with_p99"] / out["alone_p99"] if out["alone_p99"] else 0.0
+    out.update(sched)
+    if with_a.ios and "with_a_cpu_s" in sched:
+        out["a_server_us"] = sched["with_a_cpu_s"] / (with_a.iops * sched["window_s"]) * 1e6
     return out, check
+
+
+def sample_noisy(srv: fleet.Served, a: str, b: str, args: argparse.Namespace, phase: str,
+                 out: dict[str, float]) -> None:
+    """Inside the counted part of a noisy run: how long B's server waited for a CPU
+    (threads runnable but not running, on average), and A's server CPU (when A's
+    disk has its own process)."""
+    time.sleep(args.ramp + 0.25 * args.noisy_runtime)
+    window = 0.5 * args.noisy_runtime
+    pa, pb = srv.by_disk[a], srv.by_disk[b]
+    s0, c0 = fleet.schedstat([pb]), fleet.cpu_seconds([pa])
+    time.sleep(window)
+    s1, c1 = fleet.schedstat([pb]), fleet.cpu_seconds([pa])
+    run, wait = fleet.sched_delta(s0, s1)
+    out[f"{phase}_b_server_waiting"] = wait / window
+    out[f"{phase}_b_server_running"] = run / window
+    if phase == "with" and pa != pb:
+        out["with_a_cpu_s"], out["window_s"] = c1 - c0, window
 
 
 def run_noisy(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> rep.Figures:

@@ -134,7 +134,10 @@ def render_multi_cpu(fig: Figures, ns: list[int], servers: list[str]) -> str:
     rows = []
     for n in ns:
         for label, metric, digits in (("server cores busy", "read_server_cores", 2),
+                                      ("server threads waiting for a CPU",
+                                       "read_server_waiting", 2),
                                       ("fio cores busy", "read_fio_cores", 2),
+                                      ("fio threads waiting for a CPU", "read_fio_waiting", 2),
                                       ("server CPU us per read", "read_server_us", 1),
                                       ("startup s (not timed)", "startup_s", 2)):
             rows.append([str(n), label, *(fmt_cell(fig.cell(str(n), s, metric), digits)
@@ -156,7 +159,8 @@ def render_noisy(fig: Figures, servers: list[str]) -> str:
     cols = [s for s in order(servers) if s != "py-floor"]
     head = ["server", "B alone IOPS", "p50 us", "p99 us", "p99.9 us", "B with A IOPS",
             "p50 us", "p99 us", "p99.9 us", "p99 with/alone", "IOPS with/alone",
-            "A writes/s", "A MiB/s", "A p99 ms"]
+            "A writes/s", "A MiB/s", "A p99 ms", "A server CPU us/write",
+            "B server waiting alone/with"]
     rows = []
     for s in cols:
         def c(metric: str, digits: int | None = None, scale: float = 1.0, s: str = s) -> str:
@@ -165,7 +169,8 @@ def render_noisy(fig: Figures, servers: list[str]) -> str:
                      c("with_iops"), c("with_p50"), c("with_p99"), c("with_p99.9"),
                      fmt_ratio(fig.median("noisy", s, "p99_ratio")),
                      fmt_ratio(fig.median("noisy", s, "iops_ratio")),
-                     c("a_iops"), c("a_mib_s"), c("a_p99", 1, 1e-3)])
+                     c("a_iops"), c("a_mib_s"), c("a_p99", 1, 1e-3), c("a_server_us"),
+                     f"{c('alone_b_server_waiting', 2)} / {c('with_b_server_waiting', 2)}"])
     return table(head, rows)
 
 
