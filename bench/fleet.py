@@ -314,3 +314,14 @@ def descendants(pid: int) -> list[int]:
         frontier = [c for c, p in parent.items() if p in frontier]
         found += frontier
     return found
+
+
+def host_cpu() -> dict[str, float]:
+    """Seconds of all CPUs so far from /proc/stat: busy (user, nice, system, irq,
+    softirq), idle (idle, iowait) and steal (taken by the hypervisor)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"busy": (user + nice + system + irq + softirq) / tick,
+            "idle": (idle + iowait) / tick, "steal": steal / tick}

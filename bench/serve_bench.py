@@ -115,13 +115,18 @@ def sample_window(servers: list[int], fio_pid: int, args: argparse.Namespace,
     time.sleep(args.ramp + 0.25 * args.runtime)
     window = 0.5 * args.runtime
     fio_pids = fleet.descendants(fio_pid)
-    s0, f0 = fleet.schedstat(servers), fleet.schedstat(fio_pids)
+    s0, f0, h0 = fleet.schedstat(servers), fleet.schedstat(fio_pids), fleet.host_cpu()
     time.sleep(window)
-    s1, f1 = fleet.schedstat(servers), fleet.schedstat(fio_pids)
+    s1, f1, h1 = fleet.schedstat(servers), fleet.schedstat(fio_pids), fleet.host_cpu()
+    ours = 0.0
     for who, before, after in (("server", s0, s1), ("fio", f0, f1)):
         run, wait = fleet.sched_delta(before, after)
         out[f"read_{who}_running"] = run / window
         out[f"read_{who}_waiting"] = wait / window
+        ours += run
+    for k in ("idle", "steal"):
+        out[f"read_host_{k}"] = (h1[k] - h0[k]) / window
+    out["read_host_others"] = max(0.0, (h1["busy"] - h0["busy"] - ours) / window)
 
 
 def run_multi(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> rep.Figures:

@@ -139,6 +139,11 @@ def render_multi_cpu(fig: Figures, ns: list[int], servers: list[str]) -> str:
                                       ("fio cores busy", "read_fio_cores", 2),
                                       ("fio threads waiting for a CPU", "read_fio_waiting", 2),
                                       ("server CPU us per read", "read_server_us", 1),
+                                      ("host: cores idle", "read_host_idle", 2),
+                                      ("host: cores to other processes",
+                                       "read_host_others", 2),
+                                      ("host: cores stolen by the hypervisor",
+                                       "read_host_steal", 2),
                                       ("startup s (not timed)", "startup_s", 2)):
             rows.append([str(n), label, *(fmt_cell(fig.cell(str(n), s, metric), digits)
                                           for s in cols)])
