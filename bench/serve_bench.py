@@ -166,7 +166,7 @@ def measure_noisy(ds: clones.Datastore, kind: str, tag: str, args: argparse.Name
                                   runtime=args.noisy_runtime, ramp=args.ramp, seed=args.seed)
         writer = fio.timed_writes("A", srv.uris[a], ds.size, bs=65536, qd=4,
                                   runtime=args.noisy_runtime, ramp=args.ramp,
-                                  seed=args.seed + 1, fsync=1)
+                                  seed=args.seed + 1, fsync=args.noisy_fsync)
         sched: dict[str, float] = {}
         alone = fio.run([reader], workdir, f"{tag}-alone", timeout=wall + 60,
                         during=lambda _: sample_noisy(srv, a, b, args, "alone", sched))["B"].read
@@ -272,6 +272,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=float, help="seconds per read run (default 5, quick 1)")
     p.add_argument("--noisy-runtime", type=float,
                    help="seconds per noisy-neighbour run (default 8, quick 2)")
+    p.add_argument("--noisy-fsync", type=int, default=1, metavar="N",
+                   help="the noisy neighbour flushes after every N writes (0: never; "
+                        "default %(default)s)")
     p.add_argument("--ramp", type=float, help="uncounted seconds before each timed run "
                    "(default 1, quick 0.5)")
     p.add_argument("--write-size", type=size_arg,
@@ -387,8 +390,9 @@ def multi_header(args: argparse.Namespace) -> str:
 
 def noisy_header(args: argparse.Namespace) -> str:
     return (f"noisy neighbour: disk B 4 KiB random reads QD1 for {args.noisy_runtime:g} s "
-            f"alone, then with disk A taking 64 KiB random writes QD4, a flush after each "
-            f"(fsync=1); total latency percentiles; median of {args.repeat}")
+            f"alone, then with disk A taking 64 KiB random writes QD4, a flush after every "
+            f"{args.noisy_fsync} (fsync={args.noisy_fsync}); total latency percentiles; "
+            f"median of {args.repeat}")
 
 
 if __name__ == "__main__":
