@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import fio
+import images
 from replicate_contenders import vdisk_command
 from servers import FLOOR_PLUGIN, PLUGIN, ServerError, wait_for_socket
 
@@ -57,6 +59,14 @@ DESCRIPTION = {
     SHARED: "one nbdkit for all disks (before workers)",
 }
 STOP_TIMEOUT_S = 30.0
+# what one measurement may fail with (the cell shows ERR; the others go on)
+RUN_ERRORS = (ServerError, fio.FioError, images.ToolError, subprocess.TimeoutExpired, OSError)
+
+
+def rotated(kinds: list[str], rep: int) -> list[str]:
+    """The servers in the order of repetition ``rep``: each takes every turn in time."""
+    k = rep % len(kinds) if kinds else 0
+    return kinds[k:] + kinds[:k]
 
 
 def uri(disk: str, sock: Path, export: bool) -> str:

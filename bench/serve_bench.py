@@ -29,6 +29,7 @@ import fio
 import fleet
 import images
 import serve_cost
+import serve_noisy
 import serve_report as rep
 from bench_cli import (
     apply_quick_defaults,
@@ -41,19 +42,12 @@ from bench_cli import (
 )
 from nbd_bench import size_arg, tool_versions
 from replicate_contenders import bytecode_cache
-from servers import ServerError
 
 log = logging.getLogger("serve_bench")
 
 MiB = images.MiB
 SECTIONS = ("multi", "noisy", "cost")
 SHARED_COMMIT = "22b9d0b"     # the last commit whose plugin serves a whole datastore
-ERRORS = (ServerError, fio.FioError, images.ToolError, subprocess.TimeoutExpired, OSError)
-
-
-def rotated(items: list[str], rep: int) -> list[str]:
-    k = rep % len(items)
-    return items[k:] + items[:k]
 
 
 # -- 1. multi-disk ---------------------------------------------------------------------------
@@ -133,13 +127,13 @@ def run_multi(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> 
     fig = rep.Figures()
     for n in args.disks:
         for r in range(args.repeat):
-            for kind in rotated(args.servers, r + n):
+            for kind in fleet.rotated(args.servers, r + n):
                 if fig.failed(str(n), kind):
                     continue
                 try:
                     values, check = measure_multi(ds, kind, n, f"n{n}-{kind}-{r}", args,
                                                   workdir / "multi")
-                except ERRORS as e:
+                except fleet.RUN_ERRORS as e:
                     log.error("multi N=%d / %s: %s", n, kind, e)
                     fig.error(str(n), kind, str(e))
                     continue
@@ -151,81 +145,6 @@ def run_multi(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> 
     return fig
 
 
-# -- 2. noisy neighbour ----------------------------------------------------------------------
-
-
-def measure_noisy(ds: clones.Datastore, kind: str, tag: str, args: argparse.Namespace,
-                  workdir: Path) -> tuple[dict[str, float], str]:
-    tops = ds.pick(2)
-    a, b = list(tops)
-    ds.reset([a, b])
-    ds.warm([a, b])
-    wall = args.noisy_runtime + args.ramp
-    with fleet.serve(kind, ds.dir, tops, workdir / "servers", args.old_plugin) as srv:
-        reader = fio.random_reads("B", srv.uris[b], ds.size, bs=4096, qd=1,
-                                  runtime=args.noisy_runtime, ramp=args.ramp, seed=args.seed)
-        writer = fio.timed_writes("A", srv.uris[a], ds.size, bs=65536, qd=4,
-                                  runtime=args.noisy_runtime, ramp=args.ramp,
-                                  seed=args.seed + 1, fsync=args.noisy_fsync)
-        sched: dict[str, float] = {}
-        alone = fio.run([reader], workdir, f"{tag}-alone", timeout=wall + 60,
-                        during=lambda _: sample_noisy(srv, a, b, args, "alone", sched))["B"].read
-        both = fio.run([writer, reader], workdir, f"{tag}-with", timeout=wall + 60,
-                       during=lambda _: sample_noisy(srv, a, b, args, "with", sched))
-    check = ds.check([a])
-    with_b, with_a = both["B"].read, both["A"].write
-    out = {"alone_iops": alone.iops, "with_iops": with_b.iops,
-           "a_iops": with_a.iops, "a_mib_s": with_a.mib_s,
-           "a_p99": with_a.lat_us.get("99", 0.0),
-           "iops_ratio": with_b.iops / alone.iops if alone.iops else 0.0}
-    for p in fio.PERCENTILES:
-        out[f"alone_p{p}"] = alone.lat_us.get(p, 0.0)
-        out[f"with_p{p}"] = with_b.lat_us.get(p, 0.0)
-    out["p99_ratio"] = out["with_p99"] / out["alone_p99"] if out["alone_p99"] else 0.0
-    out.update(sched)
-    if with_a.ios and "with_a_cpu_s" in sched:
-        out["a_server_us"] = sched["with_a_cpu_s"] / (with_a.iops * sched["window_s"]) * 1e6
-    return out, check
-
-
-def sample_noisy(srv: fleet.Served, a: str, b: str, args: argparse.Namespace, phase: str,
-                 out: dict[str, float]) -> None:
-    """Inside the counted part of a noisy run: how long B's server waited for a CPU
-    (threads runnable but not running, on average), and A's server CPU (when A's
-    disk has its own process)."""
-    time.sleep(args.ramp + 0.25 * args.noisy_runtime)
-    window = 0.5 * args.noisy_runtime
-    pa, pb = srv.by_disk[a], srv.by_disk[b]
-    s0, c0 = fleet.schedstat([pb]), fleet.cpu_seconds([pa])
-    time.sleep(window)
-    s1, c1 = fleet.schedstat([pb]), fleet.cpu_seconds([pa])
-    run, wait = fleet.sched_delta(s0, s1)
-    out[f"{phase}_b_server_waiting"] = wait / window
-    out[f"{phase}_b_server_running"] = run / window
-    if phase == "with" and pa != pb:
-        out["with_a_cpu_s"], out["window_s"] = c1 - c0, window
-
-
-def run_noisy(ds: clones.Datastore, args: argparse.Namespace, workdir: Path) -> rep.Figures:
-    fig = rep.Figures()
-    for r in range(args.repeat):
-        for kind in rotated([s for s in args.servers if s not in fleet.READ_ONLY], r):
-            if fig.failed("noisy", kind):
-                continue
-            try:
-                values, check = measure_noisy(ds, kind, f"noisy-{kind}-{r}", args,
-                                              workdir / "noisy")
-            except ERRORS as e:
-                log.error("noisy / %s: %s", kind, e)
-                fig.error("noisy", kind, str(e))
-                continue
-            fig.add("noisy", kind, values)
-            fig.check("noisy", kind, check)
-            log.info("noisy %-12s rep %d: B p99 %.0f -> %.0f us, IOPS %.0f -> %.0f; A %.0f "
-                     "writes/s; check %s", kind, r + 1, values["alone_p99"],
-                     values["with_p99"], values["alone_iops"], values["with_iops"],
-                     values["a_iops"], check)
-    return fig
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -346,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                 if 4 in args.disks:
                     targets.append(rep.multi_target(fig))
             elif section == "noisy":
-                fig = run_noisy(ds, args, workdir)
-                texts.append(noisy_header(args) + "\n"
+                fig = serve_noisy.run(ds, args, workdir)
+                texts.append(serve_noisy.header(args) + "\n"
                              + rep.render_noisy(fig, args.servers))
                 targets.append(rep.noisy_target(fig))
             else:
@@ -388,11 +307,6 @@ def multi_header(args: argparse.Namespace) -> str:
             f"cache warm; median of {args.repeat} ± half the min-max range")
 
 
-def noisy_header(args: argparse.Namespace) -> str:
-    return (f"noisy neighbour: disk B 4 KiB random reads QD1 for {args.noisy_runtime:g} s "
-            f"alone, then with disk A taking 64 KiB random writes QD4, a flush after every "
-            f"{args.noisy_fsync} (fsync={args.noisy_fsync}); total latency percentiles; "
-            f"median of {args.repeat}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +32,6 @@ from servers import ServerError
 log = logging.getLogger(__name__)
 
 NO_PYC = "vdisk-serve, no .pyc"
-ERRORS = (ServerError, images.ToolError, subprocess.TimeoutExpired, OSError)
 
 
 def header(args: argparse.Namespace) -> str:
@@ -130,7 +128,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[rep.Figures, list[str]
             pass
     fig = rep.Figures()
     for r in range(args.repeat):
-        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+        for kind in fleet.rotated(kinds, r):
             if fig.failed("cost", kind):
                 continue
             try:
@@ -139,7 +137,7 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[rep.Figures, list[str]
                         values = measure(kind, ds, args, workdir)
                 else:
                     values = measure(kind, ds, args, workdir)
-            except ERRORS as e:
+            except fleet.RUN_ERRORS as e:
                 log.error("cost / %s: %s", kind, e)
                 fig.error("cost", kind, str(e))
                 continue
