@@ -26,7 +26,7 @@ from array import array
 from collections.abc import Iterable
 
 from .errors import UnsupportedImage
-from .image import COMPRESSED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
+from .image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
 
 LAYER_SHIFT = 56
 KIND_COMPRESSED = 1 << 55
@@ -155,6 +155,10 @@ class ClusterMap:
         span = f.header.l2_entries
         for l1_index, _off, l2 in f.l2_tables() if tables is None else tables:
             base_cluster = l1_index * span
+            n = min(span, visible - base_cluster * per)     # entries in view
+            if per == 1 and n > 0 and f.plain_l2(l2, n):
+                self._apply_plain(base_cluster, l2, n, tag)
+                continue
             for k, e in enumerate(l2):
                 if not e & ~(1 << 63):
                     continue
@@ -163,6 +167,25 @@ class ClusterMap:
                     break
                 f.check_l2_entry(e, first * g)
                 self.set_cluster(first, per, tag, e, min(visible, first + per))
+
+    def _apply_plain(self, first: int, l2: array, n: int, tag: int) -> None:
+        """Slots [first, first + n) take entries [0, n) of an L2 table whose
+        clusters are one slot each, none compressed (checked): what
+        set_cluster does entry by entry, a chunk's part at a time."""
+        k = 0
+        while k < n:
+            i, lo = (first + k) >> CHUNK_BITS, (first + k) & CHUNK_MASK
+            m = min(CHUNK - lo, n - k)
+            c = self.chunks[i]
+            below = c[lo:lo + m] if c is not None else array("Q", bytes(8 * m))
+            part = array("Q", [
+                o if not e & ~COPIED else ZERO if e & ZERO_FLAG else tag | (e & OFFSET_MASK)
+                for o, e in zip(below, l2[k:k + m], strict=True)])
+            if c is None and part.count(0) < m:
+                c = self._chunk(i)
+            if c is not None:
+                c[lo:lo + m] = part
+            k += m
 
     def set_cluster(self, first: int, per: int, tag: int, e: int, end: int) -> None:
         """Point slots [first, end) at the cluster described by L2 entry e."""

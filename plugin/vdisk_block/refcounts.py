@@ -109,7 +109,7 @@ class Refcounts:
             first = b * self.per_block
             self._grow(first + self.per_block)
             self.counts[first:first + self.per_block] = array("Q", counts)
-            self.used[first:first + self.per_block] = bytes(1 if c else 0 for c in counts)
+            self.used[first:first + self.per_block] = bytes(map(bool, counts))
 
     def _grow(self, n: int) -> None:
         missing = n - len(self.counts)

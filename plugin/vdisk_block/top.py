@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import struct
 from array import array
+from collections import Counter
 
 from . import header as hdr
 from . import identity as ident
@@ -59,6 +60,28 @@ class TopImage:
         A lower refcount (or two L2 entries sharing a cluster with refcount 1)
         would let an allocation overwrite live data, so such an image is refused.
         """
+        if not self._references_fit():
+            self._check_references_one_by_one()
+
+    def _references_fit(self) -> bool:
+        """The check above in bulk, for images without compressed clusters:
+        True when it would pass, False when _check_references_one_by_one
+        must say what is wrong (or look at compressed clusters)."""
+        cs, h, f = self.cs, self.f.header, self.f
+        refs: Counter[int] = Counter()
+        for offset, length in ((0, cs), (h.l1_table_offset, h.l1_size * 8),
+                               (h.refcount_table_offset, h.refcount_table_clusters * cs)):
+            refs.update(range(offset // cs, (offset + length - 1) // cs + 1))
+        refs.update(off // cs for off in self.refcounts.table if off)
+        refs.update((self.l1[i] & OFFSET_MASK) // cs for i in self.l2)
+        for l2 in self.l2.values():
+            if not f.plain_l2(l2, len(l2)):
+                return False
+            refs.update([(e & OFFSET_MASK) // cs for e in l2 if e & OFFSET_MASK])
+        counts = self.refcounts.counts
+        return not [c for c, n in refs.items() if c >= len(counts) or n > counts[c]]
+
+    def _check_references_one_by_one(self) -> None:
         cs, h, rc = self.cs, self.f.header, self.refcounts
         refs: dict[int, int] = {}
 
