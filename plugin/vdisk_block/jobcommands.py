@@ -133,6 +133,12 @@ class JobCommands:
     def _changed(self, job_id: int, job: MirrorJob, state: State) -> None:
         if state is State.DONE:         # recorded and announced by the pivot's cleanup
             return
+        if state is State.PIVOTING:
+            # recorded by the pivot's persist, in the transaction that names
+            # the new top: a commit here would be one more sync in the
+            # barrier, where the guest waits
+            self._announce(job_id, state.value)
+            return
         self.catalog.update_job(job_id, state=state.value, error=job.error, stats=stats(job))
         self._announce(job_id, state.value)
 

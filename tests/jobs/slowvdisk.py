@@ -9,10 +9,12 @@ other processes and signals reach the job while it copies.
 ``VDISK_TEST_HOLD`` (``phase:seconds,...``): after the catalog records a
 phase, the command waits this long, so a test sees the phase in the catalog
 and acts in it. Phases: a job state the journal records (``copying``,
-``ready``, ``pivoting``, ``done``...), ``pivoted`` (the disk's new top and
-the pivot recorded in one step), ``snapshot`` (any other new top) and
-``creating`` (a new image written under its temporary name, before the
-rename: held in its fsync). A hold ends early once the file named by
+``ready``, ``done``...), ``pivoted`` (the disk's new top and the pivot
+recorded in one step), ``barrier`` (the pivot's barrier, just before that
+step: the journal still says ready; the hold creates the file
+``VDISK_TEST_RELEASE.barrier`` as it starts), ``snapshot`` (any other new
+top) and ``creating`` (a new image written under its temporary name, before
+the rename: held in its fsync). A hold ends early once the file named by
 ``VDISK_TEST_RELEASE`` exists (a test that signals the command creates it,
 so that a command unwinding on SIGTERM is not kept waiting).
 
@@ -55,6 +57,11 @@ def _hold(spec: str, release: str | None) -> None:
 
     def held_set_top(self: Catalog, name: str, top: str, job: int | None = None,
                      **fields: Any) -> None:
+        if fields.get("state") == "pivoting" and "barrier" in holds:
+            if release:
+                with open(f"{release}.barrier", "w"):
+                    pass
+            _wait(holds["barrier"], release)
         set_top(self, name, top, job, **fields)
         _wait(holds.get("pivoted" if fields.get("state") == "pivoting" else "snapshot", 0),
               release)

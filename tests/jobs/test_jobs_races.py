@@ -130,7 +130,7 @@ CONSOLIDATE_KILLS = [
     ("creating", signal.SIGKILL, "resume"), ("creating", signal.SIGTERM, "cancel"),
     ("copying", signal.SIGKILL, "resume"), ("copying", signal.SIGTERM, "cancel"),
     ("ready", signal.SIGKILL, "cancel"), ("ready", signal.SIGTERM, "resume"),
-    ("pivoting", signal.SIGKILL, "resume"), ("pivoted", signal.SIGTERM, "resume"),
+    ("barrier", signal.SIGKILL, "resume"), ("pivoted", signal.SIGTERM, "resume"),
 ]
 BACKUP_KILLS = [
     ("snapshot", signal.SIGTERM, "resume"), ("convert", signal.SIGKILL, "resume"),
@@ -156,7 +156,7 @@ def reach(phase: str, root: Path, bg: Background, gate: ConvertGate | None,
     if gate is not None:
         gate.wait_started()
         return
-    if phase in ("snapshot", "pivoted", "creating"):
+    if phase in ("snapshot", "pivoted", "creating", "barrier"):
         end = time.monotonic() + 60
         while not _in(phase, root, top_before):
             assert bg.proc.poll() is None, bg.err.read_text()
@@ -169,6 +169,8 @@ def reach(phase: str, root: Path, bg: Background, gate: ConvertGate | None,
 def _in(phase: str, root: Path, top_before: Path) -> bool:
     if phase == "creating":           # the new image, under its temporary name
         return any((root / "images").glob(".*.creating"))
+    if phase == "barrier":            # the hold's mark: the journal still says ready
+        return (root.parent / "release.barrier").exists()
     top = catalog_top(root, "a")
     if phase == "snapshot":
         return top != top_before
