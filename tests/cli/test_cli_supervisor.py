@@ -282,6 +282,7 @@ def test_a_worker_that_does_not_answer_in_time_is_not_called_stopped(
         assert service.execute("query-disk", {"disk": "a"})["name"] == "a"
         os.kill(pid, signal.SIGSTOP)
         try:
+            wait_stopped(pid)
             with pytest.raises(Error) as e:
                 service.execute("query-disk", {"disk": "a"})
         finally:
@@ -289,3 +290,17 @@ def test_a_worker_that_does_not_answer_in_time_is_not_called_stopped(
     assert "did not answer query-disk in time" in str(e.value)
     assert "may still be running it" in str(e.value)
     assert served.worker_pid("a") == pid                      # nobody restarted it
+
+
+def wait_stopped(pid: int, timeout: float = 30.0) -> None:
+    """Until every thread of pid is stopped: kill() returns before they all are (a
+    thread of a stopped process still runs until the thread that took the
+    signal is scheduled, later on a busy machine)."""
+    end = time.monotonic() + timeout
+    while True:
+        states = [Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for t in os.listdir(f"/proc/{pid}/task")]
+        if all(s == "T" for s in states):
+            return
+        assert time.monotonic() < end, f"pid {pid} not stopped within {timeout} s: {states}"
+        time.sleep(0.01)
