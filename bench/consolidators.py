@@ -5,7 +5,8 @@ it, fills the delta's range [0, delta) with the same generation-0 blocks
 through NBD (bench/guest_writer.py), then collapses it:
 
 - ``vdisk`` (here): ``nbdkit -U SOCK python plugin/vdisk_nbdkit.py
-  datastore=DIR control=CTL``; the control command ``snapshot`` makes the
+  datastore=DIR disk=NAME control=CTL`` (the worker ``vdisk serve`` runs for
+  one disk); the control command ``snapshot`` makes the
   delta, then ``consolidate`` (into the frozen base, pivot true) runs while
   the load writes through NBD. Figures from the job (``query-jobs``) and our
   clock.
@@ -248,7 +249,7 @@ def run_vdisk(setup: Setup) -> JobRun:
         catalog.close()
     nbd_sock, ctl_sock = d / "nbd.sock", d / "control.sock"
     argv = [os.environ.get("NBDKIT", "nbdkit"), "-f", "--exit-with-parent", "-U", str(nbd_sock),
-            "python", str(PLUGIN), f"datastore={ds}", f"control={ctl_sock}"]
+            "python", str(PLUGIN), f"datastore={ds}", f"disk={DISK}", f"control={ctl_sock}"]
     uri = f"nbd+unix:///{DISK}?socket={nbd_sock}"
     with ServerProcess(VDISK, argv, nbd_sock, d / "nbdkit.log", 60), \
             MonitorClient.connect(str(ctl_sock), time.monotonic() + 30, qmp=False) as ctl:
@@ -257,7 +258,7 @@ def run_vdisk(setup: Setup) -> JobRun:
         run.copy_set = delta_allocated(delta)
         record = with_load(setup, uri, run, lambda: _vdisk_job(ctl, setup, run))
         info = ctl.execute("query-jobs", {"id": run.job["id"]})["jobs"][0]
-        chain = ctl.execute("query-disks", {"disk": DISK})["disks"][0]["chain"]
+        chain = ctl.execute("query-disk", {"disk": DISK})["chain"]
     run.job = info
     run.reported_copy_set = info["copy_set_bytes"]
     run.copied = info["bytes_copied"]
