@@ -32,20 +32,33 @@ def layer_ranges(disk: Disk, layers: Iterable[int]) -> list[tuple[int, int]]:
         tables = disk.top.l2.items() if p == 0 else \
             ((i, l2) for i, _off, l2 in f.l2_tables())
         for l1_index, l2 in tables:
-            unset = l2.count(0) + l2.count(COPIED)
-            if unset == len(l2):
-                continue
+            # a byte per entry, 1 where nonzero; runs of them found by find()
+            flags = bytes(map(bool, l2))
             base = l1_index * span
-            if not unset:               # every entry allocated: one range
-                if base * per < m.nslots:
-                    ranges.append((base * per, min((base + len(l2)) * per, m.nslots)))
-                continue
-            for k, e in enumerate(l2):
-                if e & ~COPIED:
-                    first = (base + k) * per
+            k = flags.find(1)
+            while k >= 0:
+                end = flags.find(0, k)
+                end = len(flags) if end < 0 else end
+                run = [(k, end)]
+                if COPIED in l2[k:end]:     # an entry of the COPIED bit alone is unallocated
+                    run = runs_of(j for j in range(k, end) if l2[j] & ~COPIED)
+                for a, b in run:
+                    first = (base + a) * per
                     if first < m.nslots:
-                        ranges.append((first, min(first + per, m.nslots)))
+                        ranges.append((first, min((base + b) * per, m.nslots)))
+                k = flags.find(1, end) if end < len(flags) else -1
     return ranges
+
+
+def runs_of(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Ascending indices as runs [first, end) of consecutive ones."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
 
 
 def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
