@@ -159,7 +159,9 @@ class Catalog:
                     self._db.execute("PRAGMA synchronous=FULL")
 
     def select(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Rows of a query, as dicts (for the tables other modules keep here)."""
+        """Rows of a query, as dicts. Every read goes through here: the
+        connection is shared by the service's threads, and a statement run
+        without the lock can take another thread's error (or its rows)."""
         with self._lock:
             return [dict(r) for r in self._db.execute(sql, args)]
 
@@ -221,8 +223,8 @@ class Catalog:
     # -- meta -----------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row["value"] if row else None
+        rows = self.select("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
 
     def set_meta(self, key: str, value: str | None) -> None:
         with self.transaction() as db:
@@ -234,13 +236,13 @@ class Catalog:
     # -- disks ------------------------------------------------------------------------
 
     def disks(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._db.execute("SELECT * FROM disks ORDER BY name")]
+        return self.select("SELECT * FROM disks ORDER BY name")
 
     def disk(self, name: str) -> dict[str, Any]:
-        row = self._db.execute("SELECT * FROM disks WHERE name = ?", (name,)).fetchone()
-        if row is None:
+        rows = self.select("SELECT * FROM disks WHERE name = ?", (name,))
+        if not rows:
             raise CatalogError(self.dir, f"disk {name!r} does not exist")
-        return dict(row)
+        return rows[0]
 
     def add_disk(self, name: str, top: str) -> None:
         check_disk_name(self.dir, name)
@@ -300,10 +302,8 @@ class Catalog:
             args.append(job)
         if conds:
             query += " WHERE " + " AND ".join(conds)
-        rows = self._db.execute(query + " ORDER BY id DESC", args)
         out = []
-        for r in rows:
-            d = dict(r)
+        for d in self.select(query + " ORDER BY id DESC", args):
             d["dropped"] = json.loads(d["dropped"])
             d.update(json.loads(d.pop("stats")))
             d["new_image"] = bool(d["new_image"])
@@ -338,7 +338,7 @@ class Catalog:
         from .identity import read as read_identity
 
         self._images_table()
-        known = {r["path"]: dict(r) for r in self._db.execute("SELECT * FROM images")}
+        known = {r["path"]: r for r in self.select("SELECT * FROM images")}
         seen: dict[str, dict[str, Any]] = {}
         changed: list[dict[str, Any]] = []
         top = os.path.join(self.dir, IMAGES)
@@ -379,9 +379,8 @@ class Catalog:
     def images_with(self, content_id: str, virtual_size: int) -> list[str]:
         """Indexed images (relative paths) said to have this valid content ID and size."""
         self._images_table()
-        rows = self._db.execute("SELECT path FROM images WHERE content_id = ? AND state = "
-                                "'valid' AND virtual_size = ? ORDER BY path",
-                                (content_id, virtual_size))
+        rows = self.select("SELECT path FROM images WHERE content_id = ? AND state = "
+                           "'valid' AND virtual_size = ? ORDER BY path", (content_id, virtual_size))
         return [r["path"] for r in rows]
 
 
