@@ -265,8 +265,8 @@ class MirrorJob(CopyPass):
             if self.state is not State.READY:
                 raise RequestError(disk.path, f"the job is {self.state.value}, not ready")
             t0 = time.monotonic()
-            # announced at once: the journal says pivoting before the catalog
-            # names the new chain (persist)
+            # announced at once (the job's events say pivoting); the journal
+            # records it with the new chain, in persist's one transaction
             self._set(State.PIVOTING)
             self._announce()
             target = self._target

@@ -79,7 +79,8 @@ class TopImage:
                 return False
             refs.update([(e & OFFSET_MASK) // cs for e in l2 if e & OFFSET_MASK])
         counts = self.refcounts.counts
-        return not [c for c, n in refs.items() if c >= len(counts) or n > counts[c]]
+        known = len(counts)
+        return not [c for c, n in refs.items() if c >= known or n > counts[c]]
 
     def _check_references_one_by_one(self) -> None:
         cs, h, rc = self.cs, self.f.header, self.refcounts

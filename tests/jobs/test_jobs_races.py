@@ -170,7 +170,11 @@ def _in(phase: str, root: Path, top_before: Path) -> bool:
     if phase == "creating":           # the new image, under its temporary name
         return any((root / "images").glob(".*.creating"))
     if phase == "barrier":            # the hold's mark: the journal still says ready
-        return (root.parent / "release.barrier").exists()
+        if not (root.parent / "release.barrier").exists():
+            return False
+        jobs = catalog_jobs(root)
+        assert jobs[0]["state"] == "ready" and catalog_top(root, "a") == top_before, jobs[0]
+        return True
     top = catalog_top(root, "a")
     if phase == "snapshot":
         return top != top_before
