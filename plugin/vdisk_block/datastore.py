@@ -72,11 +72,7 @@ class DatastoreView:
         what can be read of every chain counts."""
         self.catalog.disk(disk)
         with owner.own_disk(self.dir, disk, owner.describe_self()):
-            recovery.recover_disk(self.catalog, disk)
-            row = self.catalog.active_job(disk)
-            if row is not None:
-                raise RequestError(self.dir, f"disk {disk!r} has a job: {row['kind']} job "
-                                   f"{row['id']} ({row['state']})")
+            self._refuse_a_job(disk)
             # its chain and its named snapshots' chains, as far as they can be read
             images = self._readable_chain(disk)
             for snap in snapshots.of_disk(self.catalog, disk):
@@ -93,6 +89,14 @@ class DatastoreView:
         kept = [self.catalog.relpath(p) for p in images if os.path.exists(p)]
         return {"disk": disk, "deleted": deleted, "kept": kept}
 
+    def _refuse_a_job(self, disk: str) -> None:
+        """Owning the disk: its dead jobs settled, refused if one is unfinished."""
+        recovery.recover_disk(self.catalog, disk)
+        row = self.catalog.active_job(disk)
+        if row is not None:
+            raise RequestError(self.dir, f"disk {disk!r} has a job: {row['kind']} job "
+                               f"{row['id']} ({row['state']})")
+
     def disk_rename(self, disk: str, new: str) -> dict[str, Any]:
         """Give a disk another name (its export name too). Its images keep their
         file names; its jobs and snapshots follow it. Refused while another
@@ -102,11 +106,7 @@ class DatastoreView:
         self.catalog.disk(disk)
         check_disk_name(self.dir, new)
         with owner.own_disk(self.dir, disk, owner.describe_self()):
-            recovery.recover_disk(self.catalog, disk)
-            row = self.catalog.active_job(disk)
-            if row is not None:
-                raise RequestError(self.dir, f"disk {disk!r} has a job: {row['kind']} job "
-                                   f"{row['id']} ({row['state']})")
+            self._refuse_a_job(disk)
             with self.catalog.transaction() as db:
                 if db.execute("SELECT 1 FROM disks WHERE name = ?", (new,)).fetchone():
                     raise RequestError(self.dir, f"disk {new!r} already exists")
