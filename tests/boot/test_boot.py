@@ -22,14 +22,13 @@ from guestharness import (
     BOOT_TIMEOUT,
     EXIT_TIMEOUT,
     GuestChain,
-    serve_on_a_free_port,
     sha256_file,
 )
 
 from vdisk import attach, qemu_img, qemu_io
 from vdisk.lab import guest, records
 from vdisk.lab.machine import Machine
-from vdisk.lab.vdiskrun import vdisk
+from vdisk.lab.vdiskrun import doc_server, vdisk
 from vdisk.nbdkit import NbdkitServer
 
 pytestmark = pytest.mark.boot
@@ -143,7 +142,7 @@ def test_nbd_client_in_guest_reads_and_writes_a_served_disk(
     base_sha256 = sha256_file(base)
     pattern, offset, length = 0x77, 1536 * KiB, 2 * MiB  # across base data and empty space
     with NbdkitServer([f"image={guest_chain.top}"], server_dir) as server:
-        with serve_on_a_free_port(datastore, tmp_path / "serve.log") as second:
+        with doc_server(datastore, tmp_path / "serve.log", tcp=True) as second:
             # QEMU user networking: the host's 127.0.0.1 is 10.0.2.2 in the guest
             port = second.endpoint(DISK2)["port"]
             command = attach.nbd_client_args("10.0.2.2", port, export=DISK2)

@@ -12,25 +12,22 @@ disk was imported from.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import os
 import re
 import shlex
 import shutil
-import socket
 import stat
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from vdisk import attach, qemu_img, qemu_io
 from vdisk.lab.machine import Machine, binary
-from vdisk.lab.vdiskrun import CLI, ServeError, VdiskServer, vdisk
+from vdisk.lab.vdiskrun import doc_server, vdisk
 from vdisk.nbdkit import NbdkitServer
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "attach.md"
@@ -118,46 +115,6 @@ def test_blockdev_needs_one_server() -> None:
 
 
 # --- against live exports ---------------------------------------------------------------
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class DocServer(VdiskServer):
-    """``vdisk serve`` run as docs/attach.md shows it (:func:`attach.serve_args`), with
-    ``--json`` so that it says when it serves."""
-
-    def __init__(self, datastore: Path, log_path: Path, **options: Any) -> None:
-        super().__init__(datastore, datastore / "run", log_path=log_path)
-        self.cmd = [*CLI, *attach.serve_args(self.datastore, **options)[1:], "--json"]
-
-    def endpoint(self, disk: str) -> dict[str, Any]:
-        """The disk's worker, as ``vdisk serve --json`` printed it: uri, socket, port..."""
-        return dict(next(d for d in self.info["disks"] if d["disk"] == disk))
-
-
-@contextlib.contextmanager
-def doc_server(datastore: Path, log_path: Path, *, tcp: bool = False,
-               **options: Any) -> Iterator[DocServer]:  # fmt: skip
-    """Serve the datastore: a Unix socket per disk, or (``tcp``) a free TCP port."""
-    for _ in range(5):  # another process may take the free port before vdisk binds it
-        ports = (port := free_tcp_port(), port) if tcp else None
-        server = DocServer(datastore, log_path, ports=ports, **options)
-        try:
-            server.start()
-        except ServeError as e:
-            if tcp and "in use" in str(e):
-                continue
-            raise
-        try:
-            yield server
-        finally:
-            server.stop()
-        return
-    raise AssertionError("no free TCP port on 127.0.0.1 after 5 attempts")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import nbd
 import pytest
 
 from vdisk import errors, qemu_img, qemu_io
+from vdisk.lab.vdiskrun import free_tcp_port
 from vdisk.nbdkit import PLUGIN, SUN_PATH_MAX, NbdkitServer
 
 MiB = 1024 * 1024
@@ -44,12 +45,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fake_nbdkit(tmp_path: Path, script: str) -> Path:

@@ -6,7 +6,9 @@
 
 :func:`vdisk` runs one command to completion and returns its JSON object
 (:class:`VdiskCommandError` with its one-line error otherwise);
-:class:`VdiskServer` owns a ``vdisk serve`` in the foreground;
+:class:`VdiskServer` owns a ``vdisk serve`` in the foreground, and
+:func:`doc_server` one run as docs/attach.md shows it (a Unix socket per
+disk, or a free TCP port);
 :func:`disk_chain` asks a served datastore for a disk's chain;
 :func:`nbd_reader` and :func:`image_reader` give a ``read(offset, length)``
 on an export or an image, for :mod:`vdisk.lab.records`. The demos and the
@@ -21,6 +23,7 @@ import os
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -181,6 +184,50 @@ def leftover_images(datastore: Path, chain: Sequence[str]) -> list[str]:
     """Files in the datastore's ``images/`` that are not in ``chain``, hidden ones included."""
     keep = {Path(p).name for p in chain}
     return sorted(p.name for p in (datastore / "images").iterdir() if p.name not in keep)
+
+
+
+def free_tcp_port() -> int:
+    """A TCP port of 127.0.0.1 that nobody listens on now (another process may take it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DocServer(VdiskServer):
+    """``vdisk serve`` run as docs/attach.md shows it (:func:`attach.serve_args`: a
+    Unix socket per disk in DIR/run, or ``ports``), with ``--json`` so that it says
+    when it serves."""
+
+    def __init__(self, datastore: Path, log_path: Path, **options: Any) -> None:
+        super().__init__(datastore, datastore / "run", log_path=log_path)
+        self.cmd = [*CLI, *attach.serve_args(self.datastore, **options)[1:], "--json"]
+
+    def endpoint(self, disk: str) -> dict[str, Any]:
+        """The disk's worker, as ``vdisk serve --json`` printed it: uri, socket, port..."""
+        return dict(next(d for d in self.info["disks"] if d["disk"] == disk))
+
+
+@contextmanager
+def doc_server(datastore: Path, log_path: Path, *, tcp: bool = False,
+               **options: Any) -> Iterator[DocServer]:  # fmt: skip
+    """Serve the datastore: a Unix socket per disk, or (``tcp``) a free TCP port
+    of 127.0.0.1 (one disk)."""
+    for _ in range(5):  # another process may take the free port before vdisk binds it
+        ports = (port := free_tcp_port(), port) if tcp else None
+        server = DocServer(datastore, log_path, ports=ports, **options)
+        try:
+            server.start()
+        except ServeError as e:
+            if tcp and "in use" in str(e):
+                continue
+            raise
+        try:
+            yield server
+        finally:
+            server.stop()
+        return
+    raise AssertionError("no free TCP port on 127.0.0.1 after 5 attempts")
 
 
 @contextmanager
