@@ -41,24 +41,13 @@ def layer_ranges(disk: Disk, layers: Iterable[int]) -> list[tuple[int, int]]:
                 end = len(flags) if end < 0 else end
                 run = [(k, end)]
                 if COPIED in l2[k:end]:     # an entry of the COPIED bit alone is unallocated
-                    run = runs_of(j for j in range(k, end) if l2[j] & ~COPIED)
+                    run = merged([(j, j + 1) for j in range(k, end) if l2[j] & ~COPIED])
                 for a, b in run:
                     first = (base + a) * per
                     if first < m.nslots:
                         ranges.append((first, min((base + b) * per, m.nslots)))
                 k = flags.find(1, end) if end < len(flags) else -1
     return ranges
-
-
-def runs_of(indices: Iterable[int]) -> list[tuple[int, int]]:
-    """Ascending indices as runs [first, end) of consecutive ones."""
-    out: list[tuple[int, int]] = []
-    for i in indices:
-        if out and out[-1][1] == i:
-            out[-1] = (out[-1][0], i + 1)
-        else:
-            out.append((i, i + 1))
-    return out
 
 
 def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

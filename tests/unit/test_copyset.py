@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vdisk_block.copyset import layer_ranges, merged, runs_of
+from vdisk_block.copyset import layer_ranges, merged
 from vdisk_block.image import COMPRESSED, COPIED, ZERO_FLAG, Qcow2File
 
 KINDS = {
@@ -68,7 +68,3 @@ def test_runs_equal_entries(case) -> None:
                            size=1 << 40, top=SimpleNamespace(l2=tables))
     assert merged(layer_ranges(disk, [0])) == reference(tables, span, per, nslots)  # type: ignore[arg-type]
 
-
-def test_runs_of() -> None:
-    assert runs_of([]) == []
-    assert runs_of([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)]
