@@ -25,8 +25,9 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 
+from . import lanes
 from .errors import UnsupportedImage
-from .image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
+from .image import COMPRESSED, OFFSET_MASK, ZERO_FLAG, Qcow2File, RawFile
 
 LAYER_SHIFT = 56
 KIND_COMPRESSED = 1 << 55
@@ -156,7 +157,7 @@ class ClusterMap:
         for l1_index, _off, l2 in f.l2_tables() if tables is None else tables:
             base_cluster = l1_index * span
             n = min(span, visible - base_cluster * per)     # entries in view
-            if per == 1 and n > 0 and f.plain_l2(l2, n):
+            if per == 1 and n > 0 and f.plain_offsets(l2, n) is not None:
                 self._apply_plain(base_cluster, l2, n, tag)
                 continue
             for k, e in enumerate(l2):
@@ -171,20 +172,28 @@ class ClusterMap:
     def _apply_plain(self, first: int, l2: array, n: int, tag: int) -> None:
         """Slots [first, first + n) take entries [0, n) of an L2 table whose
         clusters are one slot each, none compressed (checked): what
-        set_cluster does entry by entry, a chunk's part at a time."""
+        set_cluster does entry by entry, a chunk's part at a time, each part
+        in one pass over its lanes (lanes.py). An entry with an offset is
+        data (tag | offset), one with the zero flag reads zeros, and one
+        with neither (unallocated) leaves the slot to the layers below."""
         k = 0
         while k < n:
             i, lo = (first + k) >> CHUNK_BITS, (first + k) & CHUNK_MASK
             m = min(CHUNK - lo, n - k)
+            e = lanes.lanes(l2, k, k + m)
+            ones = lanes.repeat(1, m)
+            zero = e & ones
+            offsets = e & lanes.repeat(OFFSET_MASK, m)
+            allocated = lanes.nonzero(offsets, m)
+            part = (offsets | lanes.repeat(tag, m)) & lanes.widen(allocated & ~zero)
             c = self.chunks[i]
-            below = c[lo:lo + m] if c is not None else array("Q", bytes(8 * m))
-            part = array("Q", [
-                o if not e & ~COPIED else ZERO if e & ZERO_FLAG else tag | (e & OFFSET_MASK)
-                for o, e in zip(below, l2[k:k + m], strict=True)])
-            if c is None and part.count(0) < m:
+            if c is not None:
+                unallocated = ones ^ (allocated | zero)
+                part |= lanes.lanes(c, lo, lo + m) & lanes.widen(unallocated)
+            elif part:
                 c = self._chunk(i)
             if c is not None:
-                c[lo:lo + m] = part
+                c[lo:lo + m] = lanes.entries(part, m)
             k += m
 
     def set_cluster(self, first: int, per: int, tag: int, e: int, end: int) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from . import header as hdr
 from . import identity as ident
-from . import locking
+from . import lanes, locking
 from .errors import MalformedImage, UnsupportedImage
 
 COPIED = 1 << 63
@@ -142,17 +142,27 @@ class Qcow2File:
             raise MalformedImage(self.path, f"L2 entry for guest offset {guest} points "
                                  f"outside the image data ({off:#x})")
 
-    def plain_l2(self, l2: array, limit: int) -> bool:
-        """True when entries [0, limit) of an L2 table hold no compressed
-        cluster and every one passes check_l2_entry.
+    def plain_offsets(self, l2: array, limit: int) -> int | None:
+        """The host offsets of entries [0, limit) of an L2 table, as lanes
+        (lanes.py), when none is compressed and every one passes
+        check_l2_entry; None otherwise.
 
-        The common case, tested in one expression per entry instead of a call
-        (opening a 1 GiB image checks 16 Ki entries); anything else goes
-        entry by entry through check_l2_entry, which says what is wrong.
+        The common case, tested over the whole table at once instead of a
+        call per entry (opening a 1 GiB image checks 16 Ki entries); anything
+        else goes entry by entry through check_l2_entry, which says what is
+        wrong. No reserved bit, no offset bit below the cluster size, and
+        every offset below the file's end (an aligned offset that is not zero
+        is past the header: at least one cluster).
         """
-        cs, end, odd = self.cluster_size, self.file_size, COMPRESSED | L2_RESERVED
-        return not [e for e in l2[:limit]
-                    if e & odd or ((o := e & OFFSET_MASK) and (o % cs or o < cs or o >= end))]
+        x = lanes.lanes(l2, 0, limit)
+        odd = COMPRESSED | L2_RESERVED | ((self.cluster_size - 1) & ~0x1FF)
+        if x & lanes.repeat(odd, limit):
+            return None
+        offsets = x & lanes.repeat(OFFSET_MASK, limit)
+        # offsets are below 2**56 and a file's size below 2**63
+        if lanes.any_at_least(offsets, self.file_size, limit):
+            return None
+        return offsets
 
     def compressed_extent(self, entry: int) -> tuple[int, int]:
         off = entry & self._coff_mask

@@ -19,6 +19,7 @@ from collections import Counter
 
 from . import header as hdr
 from . import identity as ident
+from . import lanes
 from .errors import ImageError, MalformedImage, UnsupportedImage
 from .image import COMPRESSED, COPIED, OFFSET_MASK, Qcow2File
 from .refcounts import Refcounts
@@ -64,23 +65,36 @@ class TopImage:
             self._check_references_one_by_one()
 
     def _references_fit(self) -> bool:
-        """The check above in bulk, for images without compressed clusters:
-        True when it would pass, False when _check_references_one_by_one
-        must say what is wrong (or look at compressed clusters)."""
+        """The check above in bulk, for images whose data clusters are
+        referenced once each and hold no compressed cluster: True when it
+        would pass, False when _check_references_one_by_one must say what is
+        wrong (or look at compressed or shared clusters)."""
         cs, h, f = self.cs, self.f.header, self.f
-        refs: Counter[int] = Counter()
+        meta: Counter[int] = Counter()
         for offset, length in ((0, cs), (h.l1_table_offset, h.l1_size * 8),
                                (h.refcount_table_offset, h.refcount_table_clusters * cs)):
-            refs.update(range(offset // cs, (offset + length - 1) // cs + 1))
-        refs.update(off // cs for off in self.refcounts.table if off)
-        refs.update((self.l1[i] & OFFSET_MASK) // cs for i in self.l2)
+            meta.update(range(offset // cs, (offset + length - 1) // cs + 1))
+        meta.update(map(cs.__rfloordiv__, filter(None, self.refcounts.table)))
+        meta.update((self.l1[i] & OFFSET_MASK) // cs for i in self.l2)
+        data: set[int] = set()
+        referenced = 0                  # data references, counted once per entry
         for l2 in self.l2.values():
-            if not f.plain_l2(l2, len(l2)):
+            offsets = f.plain_offsets(l2, len(l2))
+            if offsets is None:
                 return False
-            refs.update([(e & OFFSET_MASK) // cs for e in l2 if e & OFFSET_MASK])
-        counts = self.refcounts.counts
+            # offsets are cluster aligned: the shift moves no bit out of its lane
+            clusters = lanes.entries(offsets >> f.cluster_bits, len(l2))
+            referenced += lanes.nonzero(offsets, len(l2)).bit_count()
+            data.update(clusters)
+        data.discard(0)
+        if len(data) != referenced:
+            return False                # a cluster shared between entries
+        counts, used = self.refcounts.counts, self.refcounts.used
         known = len(counts)
-        return not [c for c, n in refs.items() if c >= known or n > counts[c]]
+        if data and (max(data) >= known or not all(map(used.__getitem__, data))):
+            return False
+        return not [c for c, n in meta.items()
+                    if c >= known or n + (c in data) > counts[c]]
 
     def _check_references_one_by_one(self) -> None:
         cs, h, rc = self.cs, self.f.header, self.refcounts

@@ -2,7 +2,8 @@
 
 Opening an image checks every L2 entry and every cluster's references, and
 builds the cluster map, a whole L2 table at a time where its entries are
-plain data (image.plain_l2, TopImage._references_fit, ClusterMap._apply_plain).
+plain data (image.plain_offsets, TopImage._references_fit, ClusterMap._apply_plain),
+whole tables at once as lanes of one integer (lanes.py).
 The entry-by-entry code stays for compressed clusters and for the error
 messages; these tests hold the two to the same answers on damaged images
 and random tables.
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vdisk import qemu_img, qemu_io
+from vdisk_block import lanes
 from vdisk_block.clustermap import CHUNK, ClusterMap
 from vdisk_block.create import create_qcow2
 from vdisk_block.errors import MalformedImage
@@ -210,9 +212,9 @@ def test_a_bad_entry_in_a_table_is_still_named(tmp_path: Path) -> None:
         l2 = array("Q", [0] * (CS // 8))
         l2[3] = (5 * CS) | COPIED
         l2[7] = (9 * CS + 512) | COPIED
-        assert not f.plain_l2(l2, len(l2))
-        assert f.plain_l2(l2, 7)
-        assert not f.plain_l2(array("Q", [L2_RESERVED & ~(L2_RESERVED - 1) | CS]), 1)
+        assert f.plain_offsets(l2, len(l2)) is None
+        assert f.plain_offsets(l2, 7) is not None
+        assert f.plain_offsets(array("Q", [L2_RESERVED & ~(L2_RESERVED - 1) | CS]), 1) is None
         cmap = ClusterMap(4 * MiB, CS)
         with pytest.raises(MalformedImage, match=f"guest offset {7 * CS} is unaligned"):
             cmap.apply_layer(0, f, [(0, 0, l2)])
@@ -242,5 +244,54 @@ def test_a_backing_entry_beyond_the_file_is_refused(tmp_path: Path, host: int,
         else:
             cmap.apply_layer(0, f, [(0, 0, l2)])
             assert cmap.get(1) == (1 << 56) | 2 * CS and cmap.get(2) == 0
+    finally:
+        f.close()
+
+
+# -- one table's check, against the entry-by-entry one -----------------------
+
+def _any_entry(cs: int, end: int):
+    """Entries near every edge the check draws: offsets around the header,
+    the file's end and alignment, each flag and reserved bit."""
+    offsets = st.one_of(st.just(0), st.sampled_from([cs, 2 * cs, end - cs, end, end + cs]),
+                        st.integers(0, 2 * end).map(lambda o: o & ~511),
+                        st.integers(0, (1 << 56) - 1))
+    bits = st.lists(st.sampled_from([0, 1, 8, 9, 56, 57, 61, 62, 63]), max_size=3)
+    return st.builds(lambda o, b: (o & OFFSET_MASK) | sum(1 << i for i in set(b)) if b
+                     else o & OFFSET_MASK, offsets, bits)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), cluster_bits=st.sampled_from([9, 12, 16, 21]))
+def test_plain_offsets_agrees_with_the_entry_check(tmp_path: Path, data, cluster_bits: int) -> None:
+    path = tmp_path / f"c{cluster_bits}.qcow2"
+    if not path.exists():
+        create_qcow2(str(path), 4 * MiB, cluster_bits=cluster_bits)
+    f = Qcow2File(str(path), writable=False)
+    try:
+        cs = 1 << cluster_bits
+        f.file_size = end = cs * data.draw(st.integers(2, 64))
+        plain = data.draw(st.lists(st.sampled_from([0, COPIED, ZERO_FLAG]) | st.integers(
+            1, end // cs - 1).map(lambda c: c * cs | COPIED), min_size=1, max_size=300))
+        odd = data.draw(st.lists(_any_entry(cs, end), max_size=3))
+        entries = list(plain)
+        for e in odd:
+            entries.insert(data.draw(st.integers(0, len(entries))), e)
+        l2 = array("Q", entries)
+        limit = data.draw(st.integers(1, len(l2)))
+        got = f.plain_offsets(l2, limit)
+        expected = True
+        for k, e in enumerate(l2[:limit]):
+            if e & COMPRESSED:
+                expected = False
+                continue
+            try:
+                f.check_l2_entry(e, k * cs)
+            except MalformedImage:
+                expected = False
+        assert (got is not None) == expected, [hex(e) for e in l2[:limit]]
+        if got is not None:
+            assert list(lanes.entries(got, limit)) == [e & OFFSET_MASK for e in l2[:limit]]
     finally:
         f.close()

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vdisk import qemu_img
-from vdisk_block.refcounts import decode_block, encode_block
+from vdisk_block.refcounts import decode_block, decode_wide, encode_block
 
 
 @given(st.sampled_from([1, 2, 4, 8, 16, 32, 64]), st.data())
@@ -23,6 +23,19 @@ def test_block_encoding_round_trips(bits: int, data: st.DataObject) -> None:
     raw = encode_block(counts, bits, size)
     assert len(raw) == size
     assert decode_block(raw, bits) == counts
+
+
+@given(st.sampled_from([8, 16, 32, 64]), st.data())
+def test_wide_counts_decode_a_column_at_a_time(bits: int, data: st.DataObject) -> None:
+    """decode_wide (what opening an image uses) reads what decode_block reads."""
+    top = (1 << bits) - 1
+    edges = [c for c in (0, 1, 2, 255, 256, top) if c <= top]
+    counts = data.draw(st.lists(st.sampled_from(edges) | st.integers(0, top),
+                                min_size=1, max_size=200))
+    raw = encode_block(counts, bits, len(counts) * bits // 8)
+    wide, used = decode_wide(raw, bits // 8)
+    assert list(wide) == decode_block(raw, bits) == counts
+    assert used == bytes(1 if c else 0 for c in counts)
 
 
 def test_sub_byte_refcounts_are_packed_lsb_first() -> None:
