@@ -98,6 +98,8 @@ class JobRun:
     guest_during: dict[str, float] = field(default_factory=dict)
     progress: list[tuple[float, int, int]] = field(default_factory=list)  # (s, done, total)
     events: list[tuple[str, float]] = field(default_factory=list)   # job events, s from start
+    # the guest's MiB/s from each event (the command: "start") to the next
+    guest_phases: list[tuple[str, float, float]] = field(default_factory=list)
     longest_write: tuple[float, float] = (0.0, 0.0)  # during the job, s from start
     long_stalls: list[tuple[float, float]] = field(default_factory=list)  # ditto, >= 20 ms
     fill_s: float = 0.0
@@ -142,6 +144,9 @@ def with_load(setup: Setup, uri: str, run: JobRun,
     b0 = t0 - setup.baseline_s + 0.25
     run.guest_before = record.window(b0, t0) | {"stall_ms": record.stall_ms(b0, t0)}
     run.guest_during = record.window(t0, t1) | {"stall_ms": record.stall_ms(t0, t1)}
+    edges = [("start", 0.0), *[(n, t) for n, t in run.events if t0 + t <= t1]]
+    run.guest_phases = [(name, round(a, 4), round(record.window(t0 + a, t0 + b)["mib_s"], 1))
+                        for (name, a), (_next, b) in zip(edges, edges[1:], strict=False)]
     s, c = record.longest(t0, t1)
     run.longest_write = (s - t0, c - t0) if c else (0.0, 0.0)
     run.long_stalls = [(b - t0, e - t0) for b, e in record.stalls()

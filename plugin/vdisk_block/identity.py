@@ -110,8 +110,10 @@ def _sync(fd: int) -> None:
 
 
 def write(fd: int, path: str, h: hdr.Header, content_id: bytes, parent_id: bytes | None,
-          autoclear: int | None = None) -> Identity:
-    """Give the image (open read-write on fd) this identity, durably.
+          autoclear: int | None = None, durable: bool = True) -> Identity:
+    """Give the image (open read-write on fd) this identity, durably (unless
+    ``durable`` is false and the extension is rewritten in place: the caller
+    then says who syncs it, or redoes it after a crash).
 
     ``autoclear`` is the autoclear field to leave behind (the identity bit is
     always set); by default the other bits are kept. ``h`` is updated to what
@@ -128,6 +130,8 @@ def write(fd: int, path: str, h: hdr.Header, content_id: bytes, parent_id: bytes
     if data is not None and len(data) >= EXT_LENGTH:
         os.pwrite(fd, payload, h.ext_offsets[hdr.EXT_VDISK_IDENTITY])
         h.extensions[hdr.EXT_VDISK_IDENTITY] = payload + data[EXT_LENGTH:]
+        if not durable and want == h.autoclear:
+            return of_header(h)
     elif data is not None:
         raise UnsupportedImage(path, "its identity extension is too short to rewrite")
     else:
@@ -234,16 +238,17 @@ def check_link(child_path: str, child: Identity, parent_path: str, parent: Ident
                          f"created: {why}")
 
 
-def set_parent(f, parent_id: bytes | None) -> bool:
+def set_parent(f, parent_id: bytes | None, durable: bool = True) -> bool:
     """Record parent_id in an open image (a Qcow2File of our own chain, whose
-    header and identity in memory follow). Returns whether it wrote."""
+    header and identity in memory follow); ``durable`` as for write. Returns
+    whether it wrote."""
     cur: Identity = f.identity
     if not cur.valid or cur.parent_id is None or cur.parent_id == parent_id:
         return False
     assert cur.content_id is not None
     fd = f.fd if f.writable else os.open(f.path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        f.identity = write(fd, f.path, f.header, cur.content_id, parent_id)
+        f.identity = write(fd, f.path, f.header, cur.content_id, parent_id, durable=durable)
     finally:
         if fd != f.fd:
             os.close(fd)

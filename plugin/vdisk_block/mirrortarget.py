@@ -10,6 +10,7 @@ lock (the job has claimed the disk: no snapshot or other job meanwhile).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -21,6 +22,8 @@ from .disk import Disk
 from .errors import RequestError
 from .image import Qcow2File
 from .resize import resize
+
+log = logging.getLogger(__name__)
 
 
 def _disk_over(top: Qcow2File, lower: list) -> Disk:
@@ -77,7 +80,11 @@ def open_target(disk: Disk, collapse: int, new_path: str | None,
         if on_target_id is not None:
             on_target_id(fresh)
         top.refresh_identity(fresh)
-        ident.set_parent(child, top.f.identity.content_id)
+        # not synced here (that would write back all the guest's dirty data
+        # of the top while the guest waits for the job to start): should it
+        # be lost, recovery records it again (the target's ID is durable and
+        # journaled); the top's next flush, or release_target, syncs it
+        ident.set_parent(child, top.f.identity.content_id, durable=False)
     except BaseException:
         # no data was written: the target may take its old ID back
         if before.valid and top.f.identity.content_id == fresh:
@@ -106,12 +113,18 @@ def release_target(disk: Disk, collapse: int, new_path: str | None, target: Disk
     """Close a target the disk will not pivot to: a new image is removed, an
     image of the chain is flushed (what it holds stays whole; its unused
     cluster reserve goes back) and read-locked again (its fresh content ID
-    stays)."""
+    stays, and the image above, which records it, is synced: the chain
+    stays as it reads now, whatever happens to the job's journal)."""
     if not new_path and target.top is not None:
         try:
             target.top.flush()
         except OSError:
             pass                        # a failing target: leaks at worst
+        try:
+            os.fdatasync(disk.layers[collapse - 1].fd)
+        except OSError as e:
+            log.warning("%s: the record of its parent's new content ID may not be "
+                        "durable: %s", disk.layers[collapse - 1].path, e)
     target.layers[0].close()
     if new_path:
         os.unlink(new_path)

@@ -435,7 +435,7 @@ def test_a_job_failing_between_refresh_and_set_parent_leaves_an_openable_chain(
     ds, chain = ds_disk
     expected = _raw(chain[0], workdir)
 
-    def set_parent(f, parent_id):  # noqa: ANN001, ANN202
+    def set_parent(f, parent_id, durable=True):  # noqa: ANN001, ANN202
         raise OSError(errno.EIO, "Input/output error")
 
     service = DiskService(str(ds.dir), "a")
@@ -452,6 +452,48 @@ def test_a_job_failing_between_refresh_and_set_parent_leaves_an_openable_chain(
         assert service.disk("a").read(SIZE, 0) == expected
     finally:
         service.close()
+
+
+def test_a_cancelled_job_leaves_the_record_of_the_targets_id_synced(
+        ds_disk, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image above the target records the target's fresh ID without a sync
+    when the job starts (recovery redoes it after a crash while the job is
+    live); a job that ends without a pivot, its journal settled, leaves that
+    record durable: synced after it was written, before the cancel returns."""
+    ds, chain = ds_disk
+    expected = _raw(chain[0], workdir)
+    events: list[tuple[str, str]] = []
+    set_parent, fdatasync = ident.set_parent, os.fdatasync
+
+    def record_set_parent(f, parent_id, durable=True):  # noqa: ANN001, ANN202
+        events.append(("set_parent", os.path.realpath(f.path)))
+        return set_parent(f, parent_id, durable)
+
+    def record_sync(fd: int) -> None:
+        events.append(("sync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        fdatasync(fd)
+
+    service = DiskService(str(ds.dir), "a")
+    try:
+        monkeypatch.setattr(ident, "set_parent", record_set_parent)
+        monkeypatch.setattr(os, "fdatasync", record_sync)
+        job_id = service.execute("consolidate", {"disk": "a", "into": ds.rel(chain[1]),
+                                                 "pivot": False})["job"]["id"]
+        deadline = time.monotonic() + 30
+        while service.execute("query-jobs", {"id": job_id})["jobs"][0]["state"] != "ready":
+            assert time.monotonic() < deadline, "the job did not become ready"
+            time.sleep(0.01)
+        service.execute("job-cancel", {"id": job_id})
+        monkeypatch.undo()
+        child = os.path.realpath(chain[0])
+        assert ("set_parent", child) in events
+        after = events[events.index(("set_parent", child)) + 1:]
+        assert ("sync", child) in after, events
+        assert service.disk("a").read(SIZE, 0) == expected
+    finally:
+        service.close()
+    assert_chain_opens(chain[0])
+    assert identity_of(chain[0]).parent_id == identity_of(chain[1]).content_id
 
 
 def _raw(top: Path, workdir: Path) -> bytes:
