@@ -126,8 +126,10 @@ class ServerProcess(ProcessOwner):
         log.debug("starting %s: %s", self.name, " ".join(self.argv))
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as logf:
+            # (dies with the benchmark, however it stops: a killed run leaves no server)
             self._proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT
+                [*process.dies_with_us(), *self.argv], stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT
             )
         try:
             wait_for_socket(self.sock, self._proc, self.start_timeout, self.name, self.log_path)
