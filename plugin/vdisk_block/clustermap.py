@@ -185,7 +185,7 @@ class ClusterMap:
             zero = e & ones
             offsets = e & lanes.repeat(OFFSET_MASK, m)
             allocated = lanes.nonzero(offsets, m)
-            part = (offsets | lanes.repeat(tag, m)) & lanes.widen(allocated & ~zero)
+            part = (offsets | lanes.spread(tag, m)) & lanes.widen(allocated & ~zero)
             c = self.chunks[i]
             if c is not None:
                 unallocated = ones ^ (allocated | zero)

@@ -22,10 +22,15 @@ LANE_ONES = (1 << 64) - 1
 HIGH = 1 << 63
 
 
-@lru_cache(maxsize=64)
-def repeat(value: int, n: int) -> int:
-    """value in each of n lanes (a handful of masks, at a few table sizes)."""
+def spread(value: int, n: int) -> int:
+    """value in each of n lanes."""
     return int.from_bytes(value.to_bytes(8, ORDER) * n, ORDER)
+
+
+# the constant masks (a handful, at a few table sizes); a mask that depends
+# on a file or a layer is made each time (spread), not kept: with 2 MiB
+# clusters one mask is 2 MiB
+repeat = lru_cache(maxsize=16)(spread)
 
 
 def lanes(a: array, start: int, stop: int) -> int:
@@ -52,7 +57,7 @@ def nonzero(x: int, n: int) -> int:
 def any_at_least(x: int, limit: int, n: int) -> bool:
     """Whether some lane of x is >= limit; every lane and limit below 2**63
     (a lane plus 2**63 - limit reaches bit 63 exactly when lane >= limit)."""
-    return bool((x + repeat(HIGH - limit, n)) & repeat(HIGH, n))
+    return bool((x + spread(HIGH - limit, n)) & repeat(HIGH, n))
 
 
 def widen(flags: int) -> int:

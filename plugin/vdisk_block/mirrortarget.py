@@ -20,7 +20,7 @@ from .chainops import relative_backing
 from .create import create_qcow2
 from .disk import Disk
 from .errors import RequestError
-from .image import Qcow2File
+from .image import Qcow2File, RawFile
 from .resize import resize
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,13 @@ def open_target(disk: Disk, collapse: int, new_path: str | None,
         # not synced here (that would write back all the guest's dirty data
         # of the top while the guest waits for the job to start): should it
         # be lost, recovery records it again (the target's ID is durable and
-        # journaled); the top's next flush, or release_target, syncs it
+        # journaled) while this job is the disk's last; the top's next flush
+        # (the child is the top) or _sync_record (the job ends without a
+        # pivot: release_target, or a failure below) makes it durable
         ident.set_parent(child, top.f.identity.content_id, durable=False)
+        if collapse == 1 and disk.top is not None:
+            with disk.lock:             # (a flush under way would clear it)
+                disk.top.data_dirty = True
     except BaseException:
         # no data was written: the target may take its old ID back
         if before.valid and top.f.identity.content_id == fresh:
@@ -105,8 +110,20 @@ def open_target(disk: Disk, collapse: int, new_path: str | None,
         except BaseException:
             target.layers[0].close()
             locking.lock_for_read(orig.fd, orig.path)
+            _sync_record(child)
             raise
     return target
+
+
+def _sync_record(child: Qcow2File | RawFile) -> None:
+    """The record of the target's fresh ID in the image above it durable,
+    for a job that will not pivot (a later job's journal would leave
+    recovery no trace of this one)."""
+    try:
+        os.fdatasync(child.fd)
+    except OSError as e:
+        log.warning("%s: the record of its parent's new content ID may not be "
+                    "durable: %s", child.path, e)
 
 
 def release_target(disk: Disk, collapse: int, new_path: str | None, target: Disk) -> None:
@@ -120,11 +137,7 @@ def release_target(disk: Disk, collapse: int, new_path: str | None, target: Disk
             target.top.flush()
         except OSError:
             pass                        # a failing target: leaks at worst
-        try:
-            os.fdatasync(disk.layers[collapse - 1].fd)
-        except OSError as e:
-            log.warning("%s: the record of its parent's new content ID may not be "
-                        "durable: %s", disk.layers[collapse - 1].path, e)
+        _sync_record(disk.layers[collapse - 1])
     target.layers[0].close()
     if new_path:
         os.unlink(new_path)

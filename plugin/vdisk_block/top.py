@@ -87,14 +87,13 @@ class TopImage:
             referenced += lanes.nonzero(offsets, len(l2)).bit_count()
             data.update(clusters)
         data.discard(0)
-        if len(data) != referenced:
-            return False                # a cluster shared between entries
+        if len(data) != referenced or not data.isdisjoint(meta):
+            return False                # a cluster shared between entries, or with metadata
         counts, used = self.refcounts.counts, self.refcounts.used
         known = len(counts)
         if data and (max(data) >= known or not all(map(used.__getitem__, data))):
             return False
-        return not [c for c, n in meta.items()
-                    if c >= known or n + (c in data) > counts[c]]
+        return not [c for c, n in meta.items() if c >= known or n > counts[c]]
 
     def _check_references_one_by_one(self) -> None:
         cs, h, rc = self.cs, self.f.header, self.refcounts
@@ -114,6 +113,7 @@ class TopImage:
         for off in rc.table:
             if off:
                 ref(off, cs, "refcount block")
+        copied: dict[int, int] = {}     # cluster -> a guest offset whose entry says COPIED
         for l1_index, l2 in self.l2.items():
             ref(self.l1[l1_index] & OFFSET_MASK, cs, "L2 table")
             for k, e in enumerate(l2):
@@ -124,6 +124,15 @@ class TopImage:
                     guest = (l1_index * self.span + k) * cs
                     self.f.check_l2_entry(e, guest)
                     ref(e & OFFSET_MASK, cs, f"data of guest offset {guest}")
+                    if e & COPIED:
+                        copied[(e & OFFSET_MASK) // cs] = guest
+        # COPIED lets a write land in place: a cluster shared with anything
+        # else (even with a refcount that counts it) would change there too
+        for c, guest in copied.items():
+            if refs[c] > 1:
+                raise MalformedImage(self.path, f"cluster {c} (data of guest offset {guest}) is "
+                                     f"marked as used once but has {refs[c]} references; "
+                                     "repair with 'qemu-img check -r all'")
 
     # -- entries ------------------------------------------------------------
 

@@ -454,14 +454,8 @@ def test_a_job_failing_between_refresh_and_set_parent_leaves_an_openable_chain(
         service.close()
 
 
-def test_a_cancelled_job_leaves_the_record_of_the_targets_id_synced(
-        ds_disk, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The image above the target records the target's fresh ID without a sync
-    when the job starts (recovery redoes it after a crash while the job is
-    live); a job that ends without a pivot, its journal settled, leaves that
-    record durable: synced after it was written, before the cancel returns."""
-    ds, chain = ds_disk
-    expected = _raw(chain[0], workdir)
+def _record_relinks_and_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """From now on, every set_parent and fdatasync, in order, with the real path."""
     events: list[tuple[str, str]] = []
     set_parent, fdatasync = ident.set_parent, os.fdatasync
 
@@ -473,10 +467,22 @@ def test_a_cancelled_job_leaves_the_record_of_the_targets_id_synced(
         events.append(("sync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
         fdatasync(fd)
 
+    monkeypatch.setattr(ident, "set_parent", record_set_parent)
+    monkeypatch.setattr(os, "fdatasync", record_sync)
+    return events
+
+
+def test_a_cancelled_job_leaves_the_record_of_the_targets_id_synced(
+        ds_disk, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image above the target records the target's fresh ID without a sync
+    when the job starts (recovery redoes it after a crash while the job is
+    live); a job that ends without a pivot, its journal settled, leaves that
+    record durable: synced after it was written, before the cancel returns."""
+    ds, chain = ds_disk
+    expected = _raw(chain[0], workdir)
     service = DiskService(str(ds.dir), "a")
     try:
-        monkeypatch.setattr(ident, "set_parent", record_set_parent)
-        monkeypatch.setattr(os, "fdatasync", record_sync)
+        events = _record_relinks_and_syncs(monkeypatch)
         job_id = service.execute("consolidate", {"disk": "a", "into": ds.rel(chain[1]),
                                                  "pivot": False})["job"]["id"]
         deadline = time.monotonic() + 30
@@ -494,6 +500,44 @@ def test_a_cancelled_job_leaves_the_record_of_the_targets_id_synced(
         service.close()
     assert_chain_opens(chain[0])
     assert identity_of(chain[0]).parent_id == identity_of(chain[1]).content_id
+
+
+@pytest.mark.parametrize("collapse", [1, 2])
+def test_a_job_failing_after_the_relink_leaves_it_synced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, collapse: int) -> None:
+    """The target is smaller than the disk (the disk grew since), so opening
+    it grows it; that fails. The image above has recorded the target's fresh
+    ID (without a sync): the record is synced before the error goes up, since
+    a later job would leave recovery no trace of this one."""
+    from vdisk_block import mirrortarget, open_chain
+    from vdisk_block.disk import Disk
+    from vdisk_block.mirror import MirrorJob
+
+    names = ["base", "T", "C", "top"] if collapse == 2 else ["base", "T", "top"]
+    paths = [str(tmp_path / n) for n in names]
+    create_qcow2(paths[0], 4 * MiB)
+    for i in range(1, len(paths)):
+        size = 4 * MiB if i == 1 else 8 * MiB
+        create_qcow2(paths[i], size, backing=names[i - 1], backing_format="qcow2",
+                     parent_id=ident.read(paths[i - 1])[1].content_id)
+    child = os.path.realpath(paths[-collapse])        # the image right above T
+    def failing_resize(target, size):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    disk = Disk(open_chain(paths[-1], readonly=False), readonly=False)
+    try:
+        events = _record_relinks_and_syncs(monkeypatch)
+        monkeypatch.setattr(mirrortarget, "resize", failing_resize)
+        with pytest.raises(OSError, match="No space left"):
+            MirrorJob(disk, collapse=collapse).start()
+        monkeypatch.undo()
+        assert ("set_parent", child) in events
+        after = events[events.index(("set_parent", child)) + 1:]
+        assert ("sync", child) in after, events
+    finally:
+        for f in disk.layers:
+            f.close()
+    assert_chain_opens(Path(paths[-1]))
 
 
 def _raw(top: Path, workdir: Path) -> bytes:

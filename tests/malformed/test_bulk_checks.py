@@ -122,6 +122,31 @@ def test_reference_check_in_bulk_agrees(templates, tmp_path: Path, compressed: b
         f.close()
 
 
+@pytest.mark.parametrize("shared_with", ["data", "l1"])
+def test_a_cluster_marked_copied_and_shared_is_refused(templates, tmp_path: Path,
+                                                      shared_with: str) -> None:
+    """Two references to one cluster whose refcount counts both: the refcount
+    check passes, but an entry marked COPIED would be written in place and
+    change the other user (QEMU calls it corruption too)."""
+    path = tmp_path / "disk.qcow2"
+    shutil.copyfile(templates[False], path)
+    layout = q.read_layout(path)
+    data = layout.data_entries()
+    (guest, entry), (_g2, other) = data[0], data[1]
+    host = other & OFFSET_MASK if shared_with == "data" else layout.l1_offset
+    q.poke_u64(path, layout.l2_entry_position(guest), host | COPIED)
+    q.poke(path, layout.refcount_position(host), (2).to_bytes(2, "big"))
+    q.poke(path, layout.refcount_position(entry & OFFSET_MASK), (0).to_bytes(2, "big"))
+    f = Qcow2File(str(path), writable=True)
+    try:
+        with pytest.raises(MalformedImage, match="marked as used once but has 2 references"):
+            TopImage(f)
+    finally:
+        f.close()
+    report = qemu_img.check(path)
+    assert report["corruptions"] > 0     # QEMU agrees
+
+
 # -- the map ------------------------------------------------------------------
 
 FILE_END = 1 << 40
