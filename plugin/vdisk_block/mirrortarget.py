@@ -109,8 +109,8 @@ def open_target(disk: Disk, collapse: int, new_path: str | None,
                 resize(target, disk.size)
         except BaseException:
             target.layers[0].close()
+            _sync_record(child)         # (first: relocking may fail too)
             locking.lock_for_read(orig.fd, orig.path)
-            _sync_record(child)
             raise
     return target
 

@@ -75,7 +75,10 @@ class TopImage:
                                (h.refcount_table_offset, h.refcount_table_clusters * cs)):
             meta.update(range(offset // cs, (offset + length - 1) // cs + 1))
         meta.update(map(cs.__rfloordiv__, filter(None, self.refcounts.table)))
-        meta.update((self.l1[i] & OFFSET_MASK) // cs for i in self.l2)
+        tables = [(self.l1[i] & OFFSET_MASK) // cs for i in self.l2]
+        meta.update(tables)
+        if any(meta[c] > 1 for c in tables):
+            return False                # an L2 table shared (it is written in place)
         data: set[int] = set()
         referenced = 0                  # data references, counted once per entry
         for l2 in self.l2.values():
@@ -114,6 +117,7 @@ class TopImage:
             if off:
                 ref(off, cs, "refcount block")
         copied: dict[int, int] = {}     # cluster -> a guest offset whose entry says COPIED
+        tables = {(self.l1[i] & OFFSET_MASK) // cs: i for i in self.l2}
         for l1_index, l2 in self.l2.items():
             ref(self.l1[l1_index] & OFFSET_MASK, cs, "L2 table")
             for k, e in enumerate(l2):
@@ -126,6 +130,12 @@ class TopImage:
                     ref(e & OFFSET_MASK, cs, f"data of guest offset {guest}")
                     if e & COPIED:
                         copied[(e & OFFSET_MASK) // cs] = guest
+        # an L2 table is written in place (whatever its L1 entry says)
+        for c, l1_index in tables.items():
+            if refs[c] > 1:
+                raise MalformedImage(self.path, f"cluster {c} (L2 table of L1 entry {l1_index}) "
+                                     f"has {refs[c]} references; repair with "
+                                     "'qemu-img check -r all'")
         # COPIED lets a write land in place: a cluster shared with anything
         # else (even with a refcount that counts it) would change there too
         for c, guest in copied.items():

@@ -147,6 +147,26 @@ def test_a_cluster_marked_copied_and_shared_is_refused(templates, tmp_path: Path
     assert report["corruptions"] > 0     # QEMU agrees
 
 
+def test_an_l2_table_shared_by_two_l1_entries_is_refused(tmp_path: Path) -> None:
+    """Two L1 entries on one L2 table (COPIED clear, refcount 2: QEMU itself
+    would copy the table before writing it): vdisk writes L2 tables in
+    place, so the write through one entry would show through the other."""
+    path = tmp_path / "disk.qcow2"
+    qemu_img.create(path, "qcow2", 4 * MiB, options={"cluster_size": 4096})
+    qemu_io.run(path, "write -P 0x11 0 4k", fmt="qcow2")
+    layout = q.read_layout(path)
+    table = layout.l2_offsets[0]
+    q.poke_u64(path, layout.l1_offset + 8, table)
+    for host in (table, *(e & OFFSET_MASK for _g, e in layout.data_entries())):
+        q.poke(path, layout.refcount_position(host), (2).to_bytes(2, "big"))
+    f = Qcow2File(str(path), writable=True)
+    try:
+        with pytest.raises(MalformedImage, match="L2 table of L1 entry .* has 2 references"):
+            TopImage(f)
+    finally:
+        f.close()
+
+
 # -- the map ------------------------------------------------------------------
 
 FILE_END = 1 << 40
