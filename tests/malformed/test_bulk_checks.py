@@ -137,12 +137,7 @@ def test_a_cluster_marked_copied_and_shared_is_refused(templates, tmp_path: Path
     q.poke_u64(path, layout.l2_entry_position(guest), host | COPIED)
     q.poke(path, layout.refcount_position(host), (2).to_bytes(2, "big"))
     q.poke(path, layout.refcount_position(entry & OFFSET_MASK), (0).to_bytes(2, "big"))
-    f = Qcow2File(str(path), writable=True)
-    try:
-        with pytest.raises(MalformedImage, match="marked as used once but has 2 references"):
-            TopImage(f)
-    finally:
-        f.close()
+    _refused_for_writing(path, "marked as used once but has 2 references")
     report = qemu_img.check(path)
     assert report["corruptions"] > 0     # QEMU agrees
 
@@ -159,9 +154,13 @@ def test_an_l2_table_shared_by_two_l1_entries_is_refused(tmp_path: Path) -> None
     q.poke_u64(path, layout.l1_offset + 8, table)
     for host in (table, *(e & OFFSET_MASK for _g, e in layout.data_entries())):
         q.poke(path, layout.refcount_position(host), (2).to_bytes(2, "big"))
+    _refused_for_writing(path, "L2 table of L1 entry .* has 2 references")
+
+
+def _refused_for_writing(path: Path, message: str) -> None:
     f = Qcow2File(str(path), writable=True)
     try:
-        with pytest.raises(MalformedImage, match="L2 table of L1 entry .* has 2 references"):
+        with pytest.raises(MalformedImage, match=message):
             TopImage(f)
     finally:
         f.close()
