@@ -102,6 +102,8 @@ def job_summary(job: dict[str, Any]) -> str:
             f"{human_bytes(copied)} of a {human_bytes(job.get('copy_set_bytes') or 0)} copy "
             f"set in {job.get('passes') or 0} pass(es), mirrored "
             f"{human_bytes(job.get('bytes_mirrored') or 0)}")
+    if job.get("bytes_direct"):
+        line += f" ({human_bytes(job['bytes_direct'])} to the target alone)"
     if job["state"] == "done":
         line += (f", {job.get('duration_s') or 0:.2f} s, pivot pause "
                  f"{job.get('pivot_pause_ms') or 0:.1f} ms; top {job.get('top_before')} -> "

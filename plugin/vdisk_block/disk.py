@@ -41,7 +41,9 @@ EXTENT_HOLE_ZERO = 3      # nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 
 
 class MirrorHooks(Protocol):
-    """What a running mirror job is told of every change to the guest view."""
+    """A running mirror job: it takes every change of the guest view (the
+    disk lock held, overlapping copies waited for) and routes it to the top,
+    the target or both (mirrorroute.py)."""
 
     def wait_for_copies(self, offset: int, length: int) -> bool:
         """Under the disk lock, before a change of [offset, offset + length):
@@ -49,9 +51,16 @@ class MirrorHooks(Protocol):
         meanwhile). Returns whether it waited."""
         ...
 
-    def mirror_write(self, data: memoryview, offset: int) -> None: ...
+    def guest_write(self, data: memoryview, offset: int) -> None: ...
 
-    def mirror_zero(self, length: int, offset: int) -> None: ...
+    def guest_zero(self, length: int, offset: int, may_trim: bool, fast: bool) -> None: ...
+
+    def guest_trim(self, length: int, offset: int) -> None: ...
+
+    def before_flush(self) -> None:
+        """Under the disk lock, before the top's flush: what the guest wrote
+        to the target alone durable."""
+        ...
 
 
 @dataclass
@@ -302,12 +311,19 @@ class Disk:
         if not mv:
             return
         with self.lock:
-            if self.job is not None:
-                self._wait_for_copies(offset, len(mv))
-            top = self._writable()      # under the lock: a snapshot or pivot may swap it
-            self._write_top(top, mv, offset)
-            if self.job is not None:
-                self.job.mirror_write(mv, offset)
+            if self._job_takes(offset, len(mv)):
+                assert self.job is not None
+                self.job.guest_write(mv, offset)
+            else:
+                self.write_top(mv, offset)
+
+    def _job_takes(self, offset: int, length: int) -> bool:
+        """Under the lock, before a change: whether a running job routes it
+        (after any copy in flight that overlaps it has landed)."""
+        if self.job is None:
+            return False
+        self._wait_for_copies(offset, length)
+        return self.job is not None
 
     def _wait_for_copies(self, offset: int, length: int) -> None:
         """Before changing [offset, offset + length) while a job runs: wait until
@@ -315,6 +331,10 @@ class Disk:
         the caller takes top and job only afterwards."""
         while (job := self.job) is not None and job.wait_for_copies(offset, length):
             pass
+
+    def write_top(self, mv: memoryview, offset: int) -> None:
+        """Under the lock: write into the top (the change of a job's route too)."""
+        self._write_top(self._writable(), mv, offset)
 
     def _write_top(self, top: TopImage, mv: memoryview, offset: int) -> None:
         top.begin_write()
@@ -471,33 +491,52 @@ class Disk:
     def zero(self, length: int, offset: int, may_trim: bool = False, fast: bool = False) -> None:
         self._check(length, offset)
         with self.lock:
-            if self.job is not None:
-                self._wait_for_copies(offset, length)
-            top = self._writable()
-            cs = top.cs
-            first, end = self._full_clusters(top, length, offset)
-            partial = []
-            if first >= end:
-                partial.append((offset, length))
+            if self._job_takes(offset, length):
+                assert self.job is not None
+                self.job.guest_zero(length, offset, may_trim, fast)
             else:
-                if offset < first * cs:
-                    partial.append((offset, first * cs - offset))
-                if offset + length > end * cs:
-                    partial.append((end * cs, offset + length - end * cs))
-            partial = [p for p in partial if not self._reads_zero(*p)]
-            slow = {c for c in range(first, end) if self._zero_needs_write(top, c, may_trim)}
-            if fast and (partial or slow):
-                raise NotFast(self.path, "zeroing this range needs writing zeros")
-            top.begin_write()
-            for c in range(first, end):
-                if c not in slow:
-                    self._zero_cluster(top, c, may_trim)
-            for c in sorted(slow):
-                self._write_top(top, memoryview(bytes(min(cs, self.size - c * cs))), c * cs)
-            for off, n in partial:
-                self._write_top(top, memoryview(bytes(n)), off)
-            if self.job is not None:
-                self.job.mirror_zero(length, offset)
+                self.zero_top(length, offset, may_trim, fast)
+
+    def _zero_plan(self, top: TopImage, length: int, offset: int,
+                   may_trim: bool) -> tuple[int, int, list[tuple[int, int]], set[int]]:
+        """How the top zeroes [offset, offset + length): the whole clusters
+        [first, end), the partial pieces that must be written (unless they read
+        zeros already), and the clusters of first..end that need zeros written."""
+        cs = top.cs
+        first, end = self._full_clusters(top, length, offset)
+        partial = []
+        if first >= end:
+            partial.append((offset, length))
+        else:
+            if offset < first * cs:
+                partial.append((offset, first * cs - offset))
+            if offset + length > end * cs:
+                partial.append((end * cs, offset + length - end * cs))
+        partial = [p for p in partial if not self._reads_zero(*p)]
+        slow = {c for c in range(first, end) if self._zero_needs_write(top, c, may_trim)}
+        return first, end, partial, slow
+
+    def zero_is_fast(self, length: int, offset: int, may_trim: bool) -> bool:
+        """Under the lock: whether zeroing the range needs no zeros written."""
+        _first, _end, partial, slow = self._zero_plan(self._writable(), length, offset, may_trim)
+        return not partial and not slow
+
+    def zero_top(self, length: int, offset: int, may_trim: bool = False,
+                 fast: bool = False) -> None:
+        """Under the lock: zero the range in the top."""
+        top = self._writable()
+        cs = top.cs
+        first, end, partial, slow = self._zero_plan(top, length, offset, may_trim)
+        if fast and (partial or slow):
+            raise NotFast(self.path, "zeroing this range needs writing zeros")
+        top.begin_write()
+        for c in range(first, end):
+            if c not in slow:
+                self._zero_cluster(top, c, may_trim)
+        for c in sorted(slow):
+            self._write_top(top, memoryview(bytes(min(cs, self.size - c * cs))), c * cs)
+        for off, n in partial:
+            self._write_top(top, memoryview(bytes(n)), off)
 
     def _reads_zero(self, offset: int, length: int) -> bool:
         g = self.map.g
@@ -533,23 +572,41 @@ class Disk:
         """Deallocate whole clusters; they read as zeros afterwards (see docs)."""
         self._check(length, offset)
         with self.lock:
-            if self.job is not None:
-                self._wait_for_copies(offset, length)
-            top = self._writable()
-            per = top.cs // self.map.g
-            first, end = self._full_clusters(top, length, offset)
-            for c in range(first, end):
-                below = self.map.backing_has_data(c * per, per)
-                if below and not top.v3:
-                    continue
-                top.begin_write()
-                self._set_top(top, c, ZERO_FLAG if below else 0)
-                if self.job is not None:
-                    n = min(top.cs, self.size - c * top.cs)
-                    self.job.mirror_zero(n, c * top.cs)
+            if self._job_takes(offset, length):
+                assert self.job is not None
+                self.job.guest_trim(length, offset)
+            else:
+                self.trim_top(length, offset)
+
+    def trim_top(self, length: int, offset: int) -> list[tuple[int, int]]:
+        """Under the lock: trim the whole top clusters of the range; returns
+        the (offset, length) of each one trimmed."""
+        top = self._writable()
+        per = top.cs // self.map.g
+        first, end = self._full_clusters(top, length, offset)
+        done = []
+        for c in range(first, end):
+            below = self.map.backing_has_data(c * per, per)
+            if below and not top.v3:
+                continue
+            top.begin_write()
+            self._set_top(top, c, ZERO_FLAG if below else 0)
+            done.append((c * top.cs, min(top.cs, self.size - c * top.cs)))
+        return done
+
+    def whole_clusters(self, length: int, offset: int) -> tuple[int, int]:
+        """Under the lock: the byte range of the top clusters that
+        [offset, offset + length) covers whole (what a trim trims)."""
+        top = self._writable()
+        first, end = self._full_clusters(top, length, offset)
+        if first >= end:
+            return offset, 0
+        return first * top.cs, min(end * top.cs, self.size) - first * top.cs
 
     def flush(self) -> None:
         with self.lock:
+            if self.job is not None:
+                self.job.before_flush()
             if self.top is not None:
                 if self.top.refcounts.pending_free:
                     # the flush frees clusters the top stopped using: no read

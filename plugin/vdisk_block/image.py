@@ -74,12 +74,17 @@ class Qcow2File:
                 locking.lock_for_write(self.fd, path)
             else:
                 locking.lock_for_read(self.fd, path)
-            self.header = h = hdr.parse_header(self.fd, path)
-            self.file_size = os.fstat(self.fd).st_size
-            self.l1 = self._read_l1()
+            self.refresh()
         except BaseException:
             os.close(self.fd)
             raise
+
+    def refresh(self) -> None:
+        """Read the header and L1 table again: another handle of this file
+        wrote them (the target of a consolidation into this image)."""
+        self.header = h = hdr.parse_header(self.fd, self.path)
+        self.file_size = os.fstat(self.fd).st_size
+        self.l1 = self._read_l1()
         self.size = h.size
         self.cluster_size = h.cluster_size
         self.cluster_bits = h.cluster_bits

@@ -16,7 +16,8 @@ from .catalog import Catalog
 from .errors import RequestError
 from .mirror import MirrorJob, State
 
-STAT_FIELDS = ("copy_set_bytes", "bytes_copied", "bytes_mirrored", "passes",
+STAT_FIELDS = ("copy_set_bytes", "bytes_copied", "bytes_mirrored", "bytes_direct",
+               "bytes_handed_down", "passes",
                "time_to_ready_s", "duration_s", "pivot_pause_ms")
 
 

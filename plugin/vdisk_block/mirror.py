@@ -17,12 +17,15 @@ mirror in write-blocking mode does. The copy of a chunk claims its range
 under the disk lock (where its data lies in the served files and goes in the
 target), moves the data without the lock, then settles under the lock; a
 guest change (write, zero, trim) of an overlapping range waits for that, and
-only then writes the top and mirrors itself to the target:
+only then goes where its route says (mirrorroute.py):
 
     guest write W to clusters C     copy of C (one pass, chunk by chunk)
     ---------------------------     --------------------------------------
-    W before the claim of C:        the copy reads the view with W in it
-    W after C settled:              W is mirrored after the copy landed
+    W before the claim of C:        W lands in the top alone; the copy
+                                    reads the view with W in it
+    W after C settled:              W lands in the top and the target,
+                                    after the copy landed (or in the target
+                                    alone, once the top let go of C)
     W while C is in flight:         W waits for C to settle, then as above
     W elsewhere meanwhile:          runs at once (the claim covers whole
                                     clusters of every image involved)
@@ -32,9 +35,12 @@ Data moves outside the lock only between clusters the source already holds
 and target clusters already in place (or allocated by the claim and linked
 when it settles); a cancel or failure drains the copy in flight before it
 closes the target, and the pivot drains it as it drains reads.
-Whatever happens to the job, the served chain reads the same: the target only
-changes where the layers above it hold data (the copy set, and clusters the
-guest writes, which land in the top first).
+Whatever happens to the job, the served chain reads the same. In new mode
+the target is not in it. Into mode, the target changes where the layers
+above it hold data (the copy set, and what the guest writes there) and,
+with one layer collapsed, where the top holds nothing: there the served
+chain reads the target already, and the guest's writes go to it alone; the
+top lets go of a copied cluster only once the target holds it durably.
 """
 
 from __future__ import annotations
@@ -49,11 +55,11 @@ from dataclasses import asdict
 
 from .chainops import Persist, adopt
 from .chunkcopy import Chunk, InFlight
-from .clustermap import LAYER_SHIFT
 from .copyset import layer_ranges, merged
 from .disk import Disk
 from .errors import RequestError
 from .mirrorcopy import CopyPass
+from .mirrorroute import Routes
 from .mirrorstate import ACTIVE, ENDED, State, Stats
 from .mirrortarget import open_target, release_target
 
@@ -98,7 +104,7 @@ PRESYNCS = 4
 QUICK_SYNC_S = 0.01
 
 
-class MirrorJob(CopyPass):
+class MirrorJob(CopyPass, Routes):
     def __init__(self, disk: Disk, collapse: int = 1, *, new_path: str | None = None,
                  chunk: int = 1 << 20,
                  on_change: Callable[[MirrorJob, State], None] | None = None,
@@ -132,6 +138,11 @@ class MirrorJob(CopyPass):
         self._starting = threading.Lock()   # cancel() waits for a start in progress
         self._quick_switch = False          # holds _switch_interval
         self._mirroring = False             # guest changes go to the target too
+        self._starts: list[int] = []        # routes (mirrorroute.py)
+        self._copied_to = 0
+        self._direct = False
+        self._changes = 0
+        self._pending: list[tuple[int, int]] = []   # copied, not handed down yet
         # the copy in flight: the guest byte range it claims (whole clusters of
         # every image involved), and its work without the disk lock
         self._in_flight = InFlight(disk.lock, disk.path)
@@ -161,6 +172,8 @@ class MirrorJob(CopyPass):
                     # the child whose parent ID the target's fresh ID goes to
                     # is the top: its own first-write ID must not race that
                     disk.top.begin_write()
+            # (the target may grow to the disk's size as it opens)
+            grown_from = disk.layers[self.collapse].size if not self.new_path else disk.size
             try:
                 frozen = layer_ranges(disk, range(1, self.collapse))
                 target = open_target(disk, self.collapse, self.new_path, self.on_target_id,
@@ -174,7 +187,7 @@ class MirrorJob(CopyPass):
             with disk.lock:
                 self._target = target
                 try:
-                    self._install(frozen)
+                    self._install(frozen, grown_from)
                 except BaseException:
                     self._release_target()
                     self._hurry(False)
@@ -186,7 +199,7 @@ class MirrorJob(CopyPass):
         self._thread.start()
         return self
 
-    def _install(self, frozen: list[tuple[int, int]]) -> None:
+    def _install(self, frozen: list[tuple[int, int]], grown_from: int) -> None:
         """Under the disk lock: the copy set, taken as mirroring starts."""
         disk, target = self.disk, self._target
         assert target is not None
@@ -197,48 +210,18 @@ class MirrorJob(CopyPass):
             disk.map.mark_backing(first, end)       # the target may now hold data there
             count += end - first
         self.stats.copy_set_bytes = min(count * g, disk.size)
+        self._starts = [first for first, _end in self._copy_set]
+        # into the image below the top: the target is what the served chain
+        # reads wherever the top holds nothing (mirrorroute.py)
+        self._direct = not self.new_path and self.collapse == 1
+        if self._direct and grown_from < disk.size:
+            # where the target grew, the served map read zeros for the layers
+            # below; the target holds zeros there now, maybe as data, which
+            # its writes may change in place
+            self._show_target(grown_from // g, disk.map.nslots)
         self._align = max(g, target.cluster_size,
                           *(f.cluster_size for f in disk.layers[:self.collapse]))
         self._mirroring = True
-
-    # -- mirror ------------------------------------------------------------------
-
-    def _remap(self, cluster: int, entry: int) -> None:
-        """Into mode, under the disk lock: the target's cluster now is entry.
-
-        Slots of the served map that read that cluster from the target image
-        (compressed or data, where the layers above hold nothing) move with
-        it, so the old host cluster is referenced by nobody once the target
-        frees it at its next flush, and may be reused.
-        """
-        disk = self.disk
-        per = disk.layers[self.collapse].cluster_size // disk.map.g     # (the target's)
-        first = cluster * per
-        tag = (len(disk.layers) - self.collapse) << LAYER_SHIFT
-        disk.map.retarget(first, min(first + per, disk.map.nslots), tag, entry)
-
-    def mirror_write(self, data: memoryview, offset: int) -> None:
-        """Called under the disk lock after the top took the write."""
-        if self._mirroring:
-            self._mirror(offset, len(data), lambda t: t.write(data, offset))
-
-    def mirror_zero(self, length: int, offset: int) -> None:
-        if self._mirroring:
-            self._mirror(offset, length, lambda t: t.zero(length, offset, may_trim=True))
-
-    def _mirror(self, offset: int, length: int, op: Callable[[Disk], None]) -> None:
-        if not self.new_path:
-            # the target is in the served chain: from now on its data may show
-            # through wherever the top has nothing, so a later zero of these
-            # clusters must use the zero flag, never just unallocate
-            g = self.disk.map.g
-            self.disk.map.mark_backing(offset // g, -(-(offset + length) // g))
-        try:
-            assert self._target is not None
-            op(self._target)
-            self.stats.bytes_mirrored += length
-        except Exception as e:          # noqa: BLE001
-            self._fail(e)
 
     # -- end states -------------------------------------------------------------
 
@@ -318,6 +301,7 @@ class MirrorJob(CopyPass):
         if disk.job is self:
             disk.job = None
         self._mirroring = False
+        self._direct = False
         self._in_flight.let_go()
         self.stats.duration_s = time.monotonic() - self._t0
         if target is None:

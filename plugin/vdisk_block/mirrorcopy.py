@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 
 from .chunkcopy import Chunk, InFlight, transfer
+from .copyset import merged
 from .disk import Disk
+from .image import COMPRESSED, COPIED, OFFSET_MASK
 from .mirrorstate import State, Stats
 
 # While the guest writes, the copy leaves it most of the machine: after a
@@ -26,6 +28,12 @@ from .mirrorstate import State, Stats
 # busy one's over a longer time, with less of its throughput lost (measured
 # in docs/benchmarks.md). The pass is still a single one.
 BUSY_PAUSE = 3.0
+
+# Into mode with one collapsed layer, the top lets go of what was copied
+# (mirrorroute.py) each time this much more is copied, after a sync of the
+# target; the lock is taken for this many of the top's clusters at a time.
+HAND_DOWN_BYTES = 4 << 20
+HAND_DOWN_GROUP = 16
 
 
 class CopyPass:
@@ -36,11 +44,16 @@ class CopyPass:
     _target: Disk | None
     _chunk: Chunk | None                # claimed, not settled yet
     _copy_set: list[tuple[int, int]]
+    _copied_to: int
+    _direct: bool
+    _changes: int
+    _pending: list[tuple[int, int]]
     _in_flight: InFlight
     _align: int
     _t0: float
     _set: Callable[[State], None]
     _fail: Callable[[BaseException], None]
+    _show_target: Callable[[int, int], None]
     _announce: Callable[[], None]
 
     def _copy_pass(self) -> None:
@@ -49,7 +62,8 @@ class CopyPass:
         g = disk.map.g
         per_chunk = max(1, self.chunk // g)
         zeros = bytes(per_chunk * g)
-        seen = self.stats.bytes_mirrored
+        seen = self._changes
+        pending = 0
         try:
             for first, end in self._copy_set:
                 for a in range(first, end, per_chunk):
@@ -59,6 +73,7 @@ class CopyPass:
                         if self.state is not State.COPYING:
                             return
                         c = self._claim(target, a, b)
+                        self._copied_to = b
                     if c is not None:
                         error = None
                         try:
@@ -69,15 +84,24 @@ class CopyPass:
                             self._in_flight.io_end()
                         with disk.lock:
                             self._settle(c, error)
+                    if self._direct:
+                        self._pending.append((a, b))
+                        pending += (b - a) * g
+                        if pending >= HAND_DOWN_BYTES:
+                            self._hand_down()
+                            pending = 0
                     # (a pause of 0 still lets a guest request that waited for
                     # this chunk take the lock, which is not fair, before the next)
-                    busy = self.stats.bytes_mirrored != seen
-                    seen = self.stats.bytes_mirrored
+                    busy = self._changes != seen
+                    seen = self._changes
                     time.sleep(BUSY_PAUSE * (time.monotonic() - t) if busy else 0)
             # the target's data on disk now, without holding up the guest; its
             # metadata is written by the pivot's flush (a crash before it
             # leaves the served chain as it was, the target at worst leaking)
-            self._sync_target()
+            if self._direct:
+                self._hand_down()
+            else:
+                self._sync_target()
             with disk.lock:
                 if self.state is State.COPYING:
                     self.stats.passes = 1
@@ -87,6 +111,51 @@ class CopyPass:
         except Exception as e:          # noqa: BLE001 - the job fails, the disk serves on
             with disk.lock:
                 self._fail(e)
+
+    def _hand_down(self) -> None:
+        """The top lets go of the clusters copied so far, once the target
+        holds them durably (its data synced first, without the lock): the
+        guest's later writes there go to the target alone (mirrorroute.py).
+        A cluster of the top the copy has only partly passed waits for the
+        next time. The lock is taken for a few clusters at a time."""
+        self._sync_target()
+        pending, self._pending = merged(self._pending), []
+        per = self._top_per()
+        for a, b in pending:
+            c0, c1 = -(-a // per), b // per
+            if c0 >= c1:
+                self._pending.append((a, b))
+                continue
+            if a < c0 * per:
+                self._pending.append((a, c0 * per))
+            if c1 * per < b:
+                self._pending.append((c1 * per, b))
+            for c in range(c0, c1, HAND_DOWN_GROUP):
+                with self.disk.lock:
+                    if self.state is not State.COPYING or self._target is None:
+                        return
+                    for k in range(c, min(c + HAND_DOWN_GROUP, c1)):
+                        self._let_go(k)
+
+    def _top_per(self) -> int:
+        top = self.disk.top
+        assert top is not None
+        return top.cs // self.disk.map.g
+
+    def _let_go(self, c: int) -> None:
+        """Under the disk lock: the top's cluster c, copied and synced in the
+        target, goes; the served map reads the target's slots there instead."""
+        top = self.disk.top
+        assert top is not None
+        old = top.entry(c)
+        if not old & ~COPIED:
+            return
+        top.set_entry(c, 0)
+        if old & (COMPRESSED | OFFSET_MASK):
+            top.release(old)
+        per = self._top_per()
+        self._show_target(c * per, min((c + 1) * per, self.disk.map.nslots))
+        self.stats.bytes_handed_down += min(top.cs, self.disk.size - c * top.cs)
 
     def _claim(self, target: Disk, a: int, b: int) -> Chunk | None:
         """Under the disk lock: copy slots [a, b) now if that needs the lock

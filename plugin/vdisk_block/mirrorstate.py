@@ -23,7 +23,9 @@ ENDED = (State.DONE, State.CANCELLED, State.FAILED)
 class Stats:
     copy_set_bytes: int = 0
     bytes_copied: int = 0
-    bytes_mirrored: int = 0
+    bytes_mirrored: int = 0             # guest bytes written to the target
+    bytes_direct: int = 0               # of which to the target alone
+    bytes_handed_down: int = 0          # copied bytes the top let go of before the pivot
     passes: int = 0
     time_to_ready_s: float = 0.0
     duration_s: float = 0.0

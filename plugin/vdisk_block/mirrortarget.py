@@ -19,7 +19,7 @@ from . import locking
 from .chainops import relative_backing
 from .create import create_qcow2
 from .disk import Disk
-from .errors import RequestError
+from .errors import ImageError, RequestError
 from .image import Qcow2File, RawFile
 from .resize import resize
 
@@ -107,6 +107,10 @@ def open_target(disk: Disk, collapse: int, new_path: str | None,
             with disk.lock:             # it may move a cluster the served map reads
                 disk.drain_reads()
                 resize(target, disk.size)
+                # the served chain reads the image to its new end (zeros), where
+                # the target may take the guest's writes (mirrorroute.py)
+                orig.size = target.size
+                disk.set_chain(disk.layers, disk.map, disk.top)
         except BaseException:
             target.layers[0].close()
             _sync_record(child)         # (first: relocking may fail too)
@@ -144,3 +148,7 @@ def release_target(disk: Disk, collapse: int, new_path: str | None, target: Disk
     else:
         orig = disk.layers[collapse]
         locking.lock_for_read(orig.fd, orig.path)
+        try:                            # the job wrote its header and tables
+            orig.refresh()              # (a later resize maps it from them)
+        except (OSError, ImageError) as e:
+            log.warning("%s: could not read it again after the job: %s", orig.path, e)

@@ -238,6 +238,11 @@ class TopImage:
 
     # -- flush ----------------------------------------------------------------
 
+    def fsync_data(self) -> None:
+        """What was written so far durable (no refcount changes: a consistent
+        image after a crash, with the reserve's clusters leaked at worst)."""
+        os.fdatasync(self.fd)
+
     def flush(self) -> None:
         """Everything written so far durable (data, entries, refcounts: one sync);
         then the refcounts of what the entries stopped using, and of the unused
