@@ -248,7 +248,10 @@ class ClusterMap:
             c = self.backing[i]
             if c is None:
                 c = self.backing[i] = array("Q", [0]) * CHUNK
-            c[lo:hi] = array("Q", [1]) * (hi - lo)
+            if hi - lo == 1:
+                c[lo] = 1
+            else:
+                c[lo:hi] = array("Q", [1]) * (hi - lo)
             s += hi - lo
 
     # -- queries -------------------------------------------------------------

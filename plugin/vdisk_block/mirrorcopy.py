@@ -30,9 +30,13 @@ from .mirrorstate import State, Stats
 BUSY_PAUSE = 3.0
 
 # Into mode with one collapsed layer, the top lets go of what was copied
-# (mirrorroute.py) each time this much more is copied, after a sync of the
-# target; the lock is taken for this many of the top's clusters at a time.
+# (mirrorroute.py) after a sync of the target, once this much more is copied
+# and at least HAND_DOWN_SPACING times the last sync's time has passed: the
+# sync writes back what the guest wrote to the target too, which under a busy
+# guest grows with the range it writes (measured in docs/benchmarks.md). The
+# lock is taken for this many of the top's clusters at a time.
 HAND_DOWN_BYTES = 4 << 20
+HAND_DOWN_SPACING = 3.0
 HAND_DOWN_GROUP = 16
 
 
@@ -63,7 +67,8 @@ class CopyPass:
         per_chunk = max(1, self.chunk // g)
         zeros = bytes(per_chunk * g)
         seen = self._changes
-        pending = 0
+        pending = 0                     # bytes copied since the last hand-down,
+        handed = sync_s = 0.0           # its end and how long its sync took
         try:
             for first, end in self._copy_set:
                 for a in range(first, end, per_chunk):
@@ -84,17 +89,20 @@ class CopyPass:
                             self._in_flight.io_end()
                         with disk.lock:
                             self._settle(c, error)
+                    took = time.monotonic() - t
                     if self._direct:
                         self._pending.append((a, b))
                         pending += (b - a) * g
-                        if pending >= HAND_DOWN_BYTES:
-                            self._hand_down()
+                        if pending >= HAND_DOWN_BYTES and \
+                                time.monotonic() - handed >= HAND_DOWN_SPACING * sync_s:
+                            sync_s = self._hand_down()
+                            handed = time.monotonic()
                             pending = 0
                     # (a pause of 0 still lets a guest request that waited for
                     # this chunk take the lock, which is not fair, before the next)
                     busy = self._changes != seen
                     seen = self._changes
-                    time.sleep(BUSY_PAUSE * (time.monotonic() - t) if busy else 0)
+                    time.sleep(BUSY_PAUSE * took if busy else 0)
             # the target's data on disk now, without holding up the guest; its
             # metadata is written by the pivot's flush (a crash before it
             # leaves the served chain as it was, the target at worst leaking)
@@ -112,13 +120,16 @@ class CopyPass:
             with disk.lock:
                 self._fail(e)
 
-    def _hand_down(self) -> None:
+    def _hand_down(self) -> float:
         """The top lets go of the clusters copied so far, once the target
         holds them durably (its data synced first, without the lock): the
         guest's later writes there go to the target alone (mirrorroute.py).
         A cluster of the top the copy has only partly passed waits for the
-        next time. The lock is taken for a few clusters at a time."""
+        next time. The lock is taken for a few clusters at a time. Returns
+        how long the sync took."""
+        t = time.monotonic()
         self._sync_target()
+        sync_s = time.monotonic() - t
         pending, self._pending = merged(self._pending), []
         per = self._top_per()
         for a, b in pending:
@@ -133,9 +144,11 @@ class CopyPass:
             for c in range(c0, c1, HAND_DOWN_GROUP):
                 with self.disk.lock:
                     if self.state is not State.COPYING or self._target is None:
-                        return
+                        return sync_s
                     for k in range(c, min(c + HAND_DOWN_GROUP, c1)):
                         self._let_go(k)
+                time.sleep(0)           # (a guest request waiting for the lock takes it)
+        return sync_s
 
     def _top_per(self) -> int:
         top = self.disk.top

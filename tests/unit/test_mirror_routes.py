@@ -250,6 +250,22 @@ def test_a_guest_flush_syncs_the_target_first(chain, monkeypatch) -> None:
     job.cancel()
 
 
+def _write_alone_then_cancel(disk: Disk, oracle: bytearray, writes: list[tuple[int, int]],
+                             tmp_path: Path) -> None:
+    """Once the job is ready, the writes go to the target alone; the chain
+    reads them before and after a cancel, as QEMU does."""
+    job = _ready(disk)
+    for off, n in writes:
+        disk.write(b"\x44" * n, off)
+        oracle[off:off + n] = b"\x44" * n
+    assert job.stats.bytes_direct == sum(n for _off, n in writes)
+    assert disk.read(SIZE, 0) == oracle
+    job.cancel()
+    assert disk.read(SIZE, 0) == oracle
+    disk.close()
+    assert_matches_oracle(tmp_path / "top.qcow2", oracle, tmp_path)
+
+
 def test_writes_past_a_shorter_target_s_old_end(tmp_path: Path, opened) -> None:
     """The target grew to the disk's size as the job started: the served
     chain reads what the target alone took past its old end."""
@@ -261,15 +277,7 @@ def test_writes_past_a_shorter_target_s_old_end(tmp_path: Path, opened) -> None:
     resize(disk, SIZE)
     disk.write(b"\x33" * MiB, 0)
     oracle = bytearray(b"\x33" * MiB + b"\x22" * (3 * MiB) + bytes(4 * MiB))
-    job = _ready(disk)
-    disk.write(b"\x44" * MiB, 6 * MiB)
-    oracle[6 * MiB:7 * MiB] = b"\x44" * MiB
-    assert job.stats.bytes_direct == MiB
-    assert disk.read(SIZE, 0) == oracle
-    job.cancel()
-    assert disk.read(SIZE, 0) == oracle
-    disk.close()
-    assert_matches_oracle(tmp_path / "top.qcow2", oracle, tmp_path)
+    _write_alone_then_cancel(disk, oracle, [(6 * MiB, MiB)], tmp_path)
 
 
 def test_in_place_writes_where_the_target_grew_over_a_longer_layer(tmp_path: Path,
@@ -291,16 +299,8 @@ def test_in_place_writes_where_the_target_grew_over_a_longer_layer(tmp_path: Pat
     disk.write(b"\x33" * MiB, 0)
     oracle = bytearray(b"\x33" * MiB + b"\x11" * (old_end - MiB) + bytes(SIZE - old_end))
     assert disk.read(SIZE, 0) == oracle
-    job = _ready(disk)
-    for off in (old_end + 100, old_end - 2000, 6 * MiB):
-        disk.write(b"\x44" * 300, off)
-        oracle[off:off + 300] = b"\x44" * 300
-    assert job.stats.bytes_direct == 900
-    assert disk.read(SIZE, 0) == oracle
-    job.cancel()
-    assert disk.read(SIZE, 0) == oracle
-    disk.close()
-    assert_matches_oracle(tmp_path / "top.qcow2", oracle, tmp_path)
+    writes = [(old_end + 100, 300), (old_end - 2000, 300), (6 * MiB, 300)]
+    _write_alone_then_cancel(disk, oracle, writes, tmp_path)
 
 
 def test_a_cancelled_job_s_target_maps_again_when_the_disk_grows(tmp_path: Path,
