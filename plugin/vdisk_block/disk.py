@@ -110,6 +110,9 @@ class Disk:
         self._inflight = 0
         self.concurrent_reads = False     # set when nbdkit runs requests in parallel
         self.job: MirrorHooks | None = None
+        # a sync of data the chain needs failed where no flush of this disk
+        # would see it (a job's target): the next flush reports it
+        self.flush_error: OSError | None = None
         # told of every move of a top cluster (c, new L2 entry): a consolidation
         # target whose clusters another disk's map reads directly
         self.on_remap: Callable[[int, int], None] | None = None
@@ -605,6 +608,10 @@ class Disk:
 
     def flush(self) -> None:
         with self.lock:
+            if self.flush_error is not None:
+                e, self.flush_error = self.flush_error, None
+                raise RequestError(self.path, f"data written earlier may be lost: {e}",
+                                   errno=errno.EIO)
             if self.job is not None:
                 self.job.before_flush()
             if self.top is not None:

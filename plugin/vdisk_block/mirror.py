@@ -46,7 +46,7 @@ top lets go of a copied cluster only once the target holds it durably.
 from __future__ import annotations
 
 import collections
-import contextlib
+import os
 import sys
 import threading
 import time
@@ -215,10 +215,11 @@ class MirrorJob(CopyPass, Routes):
         # reads wherever the top holds nothing (mirrorroute.py)
         self._direct = not self.new_path and self.collapse == 1
         if self._direct and grown_from < disk.size:
-            # where the target grew, the served map read zeros for the layers
-            # below; the target holds zeros there now, maybe as data, which
-            # its writes may change in place
-            self._show_target(grown_from // g, disk.map.nslots)
+            # where the target grew (from the start of its cluster that held
+            # the old end), the served map read zeros for the layers below;
+            # the target holds zeros there now, maybe as data
+            tcs = target.cluster_size
+            self._show_target(grown_from // tcs * tcs // g, disk.map.nslots)
         self._align = max(g, target.cluster_size,
                           *(f.cluster_size for f in disk.layers[:self.collapse]))
         self._mirroring = True
@@ -241,8 +242,12 @@ class MirrorJob(CopyPass, Routes):
             if self.state is not State.READY:
                 break
             t = time.monotonic()
-            with contextlib.suppress(OSError):  # (then the flush below reports it)
+            try:
                 self._sync_target()
+            except OSError as e:        # (a later sync of the file would not say)
+                with disk.lock:
+                    self._fail(e)
+                raise RequestError(disk.path, f"syncing the target failed: {e}") from e
             if time.monotonic() - t < QUICK_SYNC_S:
                 break
         with disk.lock:
@@ -310,7 +315,17 @@ class MirrorJob(CopyPass, Routes):
         if self._chunk is not None:     # moved or not, the target will not link it: its
             target.unplace(self._chunk.dst)     # clusters go back before the flush
             self._chunk = None
-        release_target(disk, self.collapse, self.new_path, target)
+        error = release_target(disk, self.collapse, self.new_path, target)
+        if error is None and not self.new_path:
+            # a writeback error of the target's file, seen (once) by whichever
+            # sync of the job's descriptor came first, shows again on the
+            # served chain's own descriptor of that file
+            try:
+                os.fdatasync(disk.layers[self.collapse].fd)
+            except OSError as e:
+                error = e
+        if error is not None:
+            self._lost_sync(error)
         self._target = None
 
     def _set(self, state: State) -> None:

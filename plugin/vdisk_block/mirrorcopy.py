@@ -61,6 +61,7 @@ class CopyPass:
     _set: Callable[[State], None]
     _fail: Callable[[BaseException], None]
     _show_target: Callable[[int, int], None]
+    _lost_sync: Callable[[OSError], None]
     _announce: Callable[[], None]
 
     def _copy_pass(self) -> None:
@@ -233,6 +234,7 @@ class CopyPass:
         if error is not None:
             with self.disk.lock:
                 top.data_dirty = True
+                self._lost_sync(error)
             raise error
 
     def wait_for_copies(self, offset: int, length: int) -> bool:

@@ -154,9 +154,15 @@ class Routes:
             self._fail(e)
             return False
         g = self.disk.map.g
+        first, end = offset // g, -(-(offset + length) // g)
+        # the served map reads the target's clusters there, whatever it read
+        # before: an in-place write tells the map nothing, and a slot may
+        # read zeros through another entry (a zero in the top after an
+        # earlier job, the target's growth)
+        self._show_target(first, end)
         # the target holds data there now: a zero in the top after the job
         # must use the zero flag there, never just unallocate
-        self.disk.map.mark_backing(offset // g, -(-(offset + length) // g))
+        self.disk.map.mark_backing(first, end)
         self.stats.bytes_mirrored += length
         self.stats.bytes_direct += length
         return True
@@ -185,8 +191,17 @@ class Routes:
             try:
                 self._target.top.fsync_data()
             except OSError as e:
+                self._lost_sync(e)
                 self._fail(e)
                 raise
+
+    def _lost_sync(self, e: OSError) -> None:
+        """A sync of the target failed. Once it holds guest data the top does
+        not (writes to it alone, clusters handed down), the guest's next
+        flush reports it: a later sync of the same file would succeed (the
+        kernel reports a writeback error once) without the data."""
+        if self.stats.bytes_direct or self.stats.bytes_handed_down:
+            self.disk.flush_error = e
 
     # -- the served map ------------------------------------------------------
 

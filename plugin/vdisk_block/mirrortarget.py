@@ -130,17 +130,22 @@ def _sync_record(child: Qcow2File | RawFile) -> None:
                     "durable: %s", child.path, e)
 
 
-def release_target(disk: Disk, collapse: int, new_path: str | None, target: Disk) -> None:
+def release_target(disk: Disk, collapse: int, new_path: str | None,
+                   target: Disk) -> OSError | None:
     """Close a target the disk will not pivot to: a new image is removed, an
     image of the chain is flushed (what it holds stays whole; its unused
     cluster reserve goes back) and read-locked again (its fresh content ID
     stays, and the image above, which records it, is synced: the chain
-    stays as it reads now, whatever happens to the job's journal)."""
+    stays as it reads now, whatever happens to the job's journal). Returns
+    the error of a flush that failed (the caller says whether the chain
+    needed it)."""
+    error = None
     if not new_path and target.top is not None:
         try:
             target.top.flush()
-        except OSError:
-            pass                        # a failing target: leaks at worst
+        except OSError as e:
+            log.warning("%s: flushing it as the job ends failed: %s", target.path, e)
+            error = e
         _sync_record(disk.layers[collapse - 1])
     target.layers[0].close()
     if new_path:
@@ -152,3 +157,4 @@ def release_target(disk: Disk, collapse: int, new_path: str | None, target: Disk
             orig.refresh()              # (a later resize maps it from them)
         except (OSError, ImageError) as e:
             log.warning("%s: could not read it again after the job: %s", orig.path, e)
+    return error

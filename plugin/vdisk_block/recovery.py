@@ -8,7 +8,9 @@ free: the process is gone, however it ended) is settled by its journal row:
   target) is finished: the images it dropped are deleted, the journal says
   `done`;
 - any other consolidation is `interrupted`: the disk still serves its old
-  chain, whose data the job never changed; `job-resume` runs it again and
+  chain, which reads what the guest wrote (a job into the image below the
+  top may have moved data from the top into it, and the guest's writes
+  where the top held nothing went there); `job-resume` runs it again and
   `job-cancel` rolls it back (removing a half-written new image);
 - a backup has `failed`: its temporary copy is removed; the snapshot it took
   stays in the chain (a consolidation merges it). A backup cannot be resumed,

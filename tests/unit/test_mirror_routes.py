@@ -20,6 +20,7 @@ from conftest import assert_matches_oracle, raw_view
 from vdisk import qemu_img, qemu_io
 from vdisk_block import Disk
 from vdisk_block.chainops import snapshot
+from vdisk_block.errors import RequestError
 from vdisk_block.image import COPIED
 from vdisk_block.mirror import MirrorJob, State
 from vdisk_block.resize import resize
@@ -213,7 +214,7 @@ def test_a_write_the_target_refuses_goes_to_the_top(chain, tmp_path: Path,
     def full(data, offset) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(target, "write", full)
+    monkeypatch.setattr(target, "write_top", full)
     data = os.urandom(100 * KiB)
     disk.write(data, 5 * MiB + 123)
     oracle[5 * MiB + 123:5 * MiB + 123 + len(data)] = data
@@ -328,3 +329,120 @@ def test_a_cancelled_job_s_target_maps_again_when_the_disk_grows(tmp_path: Path,
     assert disk.read(len(oracle), 0) == oracle
     disk.close()
     assert_matches_oracle(tmp_path / "top.qcow2", oracle, tmp_path)
+
+
+def test_a_second_job_after_a_cancel_and_a_zero_in_the_top(tmp_path: Path, opened) -> None:
+    """Job 1 writes to the target alone (it allocates its whole 64 KiB
+    cluster); after a cancel the top takes a write next to it and lets go of
+    it again (zero, may trim): the served map reads zeros there through no
+    entry. Job 2's write to the target alone lands in place in that cluster,
+    and must be read from it."""
+    qemu_img.create(tmp_path / "base.qcow2", size=4 * MiB, options={"cluster_size": 65536})
+    qemu_img.create(tmp_path / "top.qcow2", size=4 * MiB, backing="base.qcow2",
+                    backing_fmt="qcow2", options={"cluster_size": 4096})
+    disk = opened(tmp_path / "top.qcow2")
+    oracle = bytearray(4 * MiB)
+    x = MiB
+    job = _ready(disk)
+    disk.write(b"\x11" * 4096, x)
+    oracle[x:x + 4096] = b"\x11" * 4096
+    job.cancel()
+    disk.write(b"\x22" * 4096, x + 4096)
+    disk.zero(4096, x + 4096, may_trim=True)
+    job = _ready(disk)
+    disk.write(b"\x33" * 4096, x + 4096)
+    oracle[x + 4096:x + 8192] = b"\x33" * 4096
+    assert job.stats.bytes_direct == 4096
+    assert disk.read(4 * MiB, 0) == oracle
+    job.cancel()
+    assert disk.read(4 * MiB, 0) == oracle
+    disk.close()
+    assert_matches_oracle(tmp_path / "top.qcow2", oracle, tmp_path)
+
+
+def test_a_target_whose_old_end_is_inside_its_cluster(tmp_path: Path, opened) -> None:
+    """low (512-byte clusters, all 0x33) <- base (4 KiB clusters, shorter,
+    its end inside a cluster) <- top: the target grows as the job starts; a
+    write to it alone in the cluster that held its old end reads back."""
+    size, old_end = 2 * MiB, 698880
+    qemu_img.create(tmp_path / "low.qcow2", size=size, options={"cluster_size": 512})
+    qemu_io.run(tmp_path / "low.qcow2", f"write -P 0x33 0 {size}")
+    qemu_img.create(tmp_path / "base.qcow2", size=old_end, backing="low.qcow2",
+                    backing_fmt="qcow2", options={"cluster_size": 4096})
+    qemu_img.create(tmp_path / "top.qcow2", size=size, backing="base.qcow2",
+                    backing_fmt="qcow2")
+    disk = opened(tmp_path / "top.qcow2")
+    oracle = bytearray(b"\x33" * old_end + bytes(size - old_end))
+    assert disk.read(size, 0) == oracle
+    job = MirrorJob(disk, 1, chunk=65536).start()
+    assert job.wait((State.READY,), 20) is State.READY, job.error
+    off = old_end // 4096 * 4096
+    disk.write(b"\xaa" * 4096, off)
+    oracle[off:off + 4096] = b"\xaa" * 4096
+    assert disk.read(size, 0) == oracle
+    job.cancel()
+    assert disk.read(size, 0) == oracle
+    disk.close()
+    assert_matches_oracle(tmp_path / "top.qcow2", oracle, tmp_path)
+
+
+class _Errseq:
+    """os.fdatasync with one writeback error of a file, as Linux reports
+    it: once to each descriptor of the file open before it, then never."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = os.path.realpath(path)
+        self.failed = False
+        self.seen: set[int] = set()
+        self.armed = False
+
+    def __call__(self, fd: int) -> None:
+        if os.path.realpath(f"/proc/self/fd/{fd}") == self.path:
+            if self.armed and not self.failed:
+                self.failed = True
+                self.seen.add(fd)
+                raise OSError(errno.EIO, "Input/output error")
+            if self.failed and fd not in self.seen:
+                self.seen.add(fd)
+                raise OSError(errno.EIO, "Input/output error")
+        os.fdatasync(fd)
+
+
+@pytest.mark.parametrize("where", ["pivot", "allocation"])
+def test_a_lost_sync_of_the_target_fails_the_guest_s_next_flush(chain, monkeypatch,
+                                                                where: str) -> None:
+    """The target's writeback fails once it holds guest writes the top does
+    not: in the sync before the pivot, or in a sync the target's cluster
+    allocation makes (then whoever sees it next is the served chain's own
+    descriptor of the file). The job fails, and the guest's next flush says
+    so (a later sync of the file would succeed without the data)."""
+    import vdisk_block.mirror as mirror_module
+    import vdisk_block.mirrorcopy as mirrorcopy
+    import vdisk_block.refcounts as refcounts
+    import vdisk_block.top as top_module
+
+    disk, _oracle = chain
+    errseq = _Errseq(Path(disk.layers[1].path))
+    real = os
+
+    class Os:
+        def __getattr__(self, name: str):
+            return errseq if name == "fdatasync" else getattr(real, name)
+
+    for module in (mirror_module, mirrorcopy, refcounts, top_module):
+        monkeypatch.setattr(module, "os", Os())
+    job = _ready(disk)
+    disk.write(os.urandom(MiB), 7 * MiB)            # to the target alone
+    errseq.armed = True
+    if where == "pivot":
+        with pytest.raises(RequestError, match="syncing the target failed"):
+            job.complete()
+    else:
+        data = os.urandom(3 * MiB)          # new clusters: the target's reserve grows
+        disk.write(data, 4 * MiB)
+        assert disk.read(len(data), 4 * MiB) == data    # (the top took it)
+    assert job.state is State.FAILED and disk.job is None
+    with pytest.raises(RequestError, match="may be lost") as e:
+        disk.flush()
+    assert e.value.errno == errno.EIO
+    disk.flush()                                    # (reported once, as the kernel does)
