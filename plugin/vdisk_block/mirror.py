@@ -172,8 +172,6 @@ class MirrorJob(CopyPass, Routes):
                     # the child whose parent ID the target's fresh ID goes to
                     # is the top: its own first-write ID must not race that
                     disk.top.begin_write()
-            # (the target may grow to the disk's size as it opens)
-            grown_from = disk.layers[self.collapse].size if not self.new_path else disk.size
             try:
                 frozen = layer_ranges(disk, range(1, self.collapse))
                 target = open_target(disk, self.collapse, self.new_path, self.on_target_id,
@@ -187,7 +185,7 @@ class MirrorJob(CopyPass, Routes):
             with disk.lock:
                 self._target = target
                 try:
-                    self._install(frozen, grown_from)
+                    self._install(frozen)
                 except BaseException:
                     self._release_target()
                     self._hurry(False)
@@ -199,7 +197,7 @@ class MirrorJob(CopyPass, Routes):
         self._thread.start()
         return self
 
-    def _install(self, frozen: list[tuple[int, int]], grown_from: int) -> None:
+    def _install(self, frozen: list[tuple[int, int]]) -> None:
         """Under the disk lock: the copy set, taken as mirroring starts."""
         disk, target = self.disk, self._target
         assert target is not None
@@ -214,12 +212,6 @@ class MirrorJob(CopyPass, Routes):
         # into the image below the top: the target is what the served chain
         # reads wherever the top holds nothing (mirrorroute.py)
         self._direct = not self.new_path and self.collapse == 1
-        if self._direct and grown_from < disk.size:
-            # where the target grew (from the start of its cluster that held
-            # the old end), the served map read zeros for the layers below;
-            # the target holds zeros there now, maybe as data
-            tcs = target.cluster_size
-            self._show_target(grown_from // tcs * tcs // g, disk.map.nslots)
         self._align = max(g, target.cluster_size,
                           *(f.cluster_size for f in disk.layers[:self.collapse]))
         self._mirroring = True

@@ -260,3 +260,5 @@ class Routes:
         for s in range(first, end):
             if not top.entry(s // tper) & ~COPIED:
                 disk.map.set(s, tag | (host + (s - first) * g) if host else 0)
+        if host:                        # (the target holds data there now)
+            disk.map.mark_backing(first, end)

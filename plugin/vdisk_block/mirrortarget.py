@@ -18,7 +18,7 @@ from . import identity as ident
 from . import locking
 from .chainops import relative_backing
 from .create import create_qcow2
-from .disk import Disk
+from .disk import Disk, chain_map
 from .errors import ImageError, RequestError
 from .image import Qcow2File, RawFile
 from .resize import resize
@@ -107,10 +107,12 @@ def open_target(disk: Disk, collapse: int, new_path: str | None,
             with disk.lock:             # it may move a cluster the served map reads
                 disk.drain_reads()
                 resize(target, disk.size)
-                # the served chain reads the image to its new end (zeros), where
-                # the target may take the guest's writes (mirrorroute.py)
-                orig.size = target.size
-                disk.set_chain(disk.layers, disk.map, disk.top)
+                # the served chain reads the grown image as a reopen would: its
+                # new end and tables (its grown part reads zeros where the
+                # layers below it are longer, and the target may take the
+                # guest's writes there, mirrorroute.py)
+                orig.refresh()
+                disk.set_chain(disk.layers, chain_map(disk.layers, disk.top), disk.top)
         except BaseException:
             target.layers[0].close()
             _sync_record(child)         # (first: relocking may fail too)

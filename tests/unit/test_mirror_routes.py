@@ -446,3 +446,68 @@ def test_a_lost_sync_of_the_target_fails_the_guest_s_next_flush(chain, monkeypat
         disk.flush()
     assert e.value.errno == errno.EIO
     disk.flush()                                    # (reported once, as the kernel does)
+
+
+def _short_target_chain(tmp_path: Path, cs_base: int, cs_target: int, cs_top: int,
+                        mid: bool = False) -> Path:
+    """base (1 MiB of 0xbb) <- target (100 KiB: its end inside a cluster)
+    [<- mid (0x11 at 512 KiB)] <- top (1 MiB, 0x22 at 768 KiB)."""
+    k = 1024
+    qemu_img.create(tmp_path / "base.qcow2", size=MiB, options={"cluster_size": cs_base})
+    qemu_io.run(tmp_path / "base.qcow2", "write -P 0xbb 0 1M")
+    qemu_img.create(tmp_path / "target.qcow2", size=100 * k, backing="base.qcow2",
+                    backing_fmt="qcow2", options={"cluster_size": cs_target})
+    below = "target.qcow2"
+    if mid:
+        qemu_img.create(tmp_path / "mid.qcow2", size=MiB, backing=below, backing_fmt="qcow2",
+                        options={"cluster_size": cs_top})
+        qemu_io.run(tmp_path / "mid.qcow2", "write -P 0x11 512K 64K")
+        below = "mid.qcow2"
+    top = tmp_path / "top.qcow2"
+    qemu_img.create(top, size=MiB, backing=below, backing_fmt="qcow2",
+                    options={"cluster_size": cs_top})
+    qemu_io.run(top, "write -P 0x22 768K 64K")
+    return top
+
+
+@pytest.mark.parametrize("sizes", [(65536, 65536, 4096), (4096, 65536, 65536)],
+                         ids=["small top clusters", "small base clusters"])
+def test_a_target_grown_over_a_longer_layer_with_other_cluster_sizes(
+        tmp_path: Path, opened, sizes: tuple[int, int, int]) -> None:
+    """The target grows as the job starts (its last cluster copied on write
+    to zero its tail); the served chain reads it as a reopen would, and a
+    write to the target alone there reads back, before and after a cancel
+    and a later small write in the same cluster of the top."""
+    top = _short_target_chain(tmp_path, *sizes)
+    oracle = bytearray(raw_view(top, tmp_path))
+    disk = opened(top)
+    assert disk.read(MiB, 0) == oracle
+    job = _ready(disk)
+    assert disk.read(MiB, 0) == oracle
+    disk.write(b"\x77" * 4096, 80 * KiB)
+    oracle[80 * KiB:84 * KiB] = b"\x77" * 4096
+    assert disk.read(MiB, 0) == oracle
+    job.cancel()
+    disk.write(b"\x55" * 512, 82 * KiB)
+    oracle[82 * KiB:82 * KiB + 512] = b"\x55" * 512
+    assert disk.read(MiB, 0) == oracle
+    disk.close()
+    assert_matches_oracle(top, oracle, tmp_path)
+
+
+def test_collapsing_two_layers_onto_a_shorter_target(tmp_path: Path, opened) -> None:
+    """Collapse 2 into a target shorter than the disk over a longer base: the
+    base's data past the target's old end never shows, during the job, after
+    a cancel, or after a small write next to it."""
+    top = _short_target_chain(tmp_path, 65536, 65536, 65536, mid=True)
+    oracle = bytearray(raw_view(top, tmp_path))
+    disk = opened(top)
+    job = MirrorJob(disk, 2, chunk=65536).start()
+    assert job.wait((State.READY,), 20) is State.READY, job.error
+    assert disk.read(MiB, 0) == oracle
+    job.cancel()
+    assert disk.read(MiB, 0) == oracle
+    disk.write(b"\x55" * 512, 96 * KiB)
+    oracle[96 * KiB:96 * KiB + 512] = b"\x55" * 512
+    disk.close()
+    assert_matches_oracle(top, oracle, tmp_path)
