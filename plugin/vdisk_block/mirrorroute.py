@@ -34,7 +34,7 @@ from collections.abc import Callable
 from .clustermap import KIND_COMPRESSED, LAYER_SHIFT, PAYLOAD_MASK, SLOT_BITS, SLOT_MASK
 from .disk import Disk
 from .errors import NotFast
-from .image import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
+from .image import COPIED, OFFSET_MASK, ZERO_FLAG
 from .mirrorstate import Stats
 
 TOP, BOTH, TARGET = "top", "both", "target"
@@ -253,12 +253,6 @@ class Routes:
         if not self._direct:
             disk.map.retarget(first, end, tag, entry)
             return
-        top = disk.top
-        assert top is not None and not entry & COMPRESSED
-        host = entry & OFFSET_MASK if not entry & ZERO_FLAG else 0
-        tper = top.cs // g
-        for s in range(first, end):
-            if not top.entry(s // tper) & ~COPIED:
-                disk.map.set(s, tag | (host + (s - first) * g) if host else 0)
-        if host:                        # (the target holds data there now)
-            disk.map.mark_backing(first, end)
+        self._show_target(first, end)   # (the target's map has the new entry)
+        if entry & OFFSET_MASK and not entry & ZERO_FLAG:
+            disk.map.mark_backing(first, end)   # (the target holds data there now)
